@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Creates .venv and installs mlx-gemma3n into it. `--test` adds the test-only references
+# (torch, torchvision, transformers, timm) and the system libraries the tests use.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+with_tests=0
+[ "${1:-}" = "--test" ] && with_tests=1
+
+if [ "$(uname -s)" = "Linux" ] && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+    # OpenBLAS makes MLX-CPU float32 matmul ~40x faster (see scripts/test.sh); espeak-ng speaks
+    # the real-speech test clip.
+    pkgs="libopenblas0-pthread"
+    [ $with_tests = 1 ] && pkgs="$pkgs espeak-ng"
+    missing=$(for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
+    if [ -n "$missing" ]; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+    fi
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+if [ $with_tests = 1 ]; then
+    # torchvision (needed by timm) must match torch; these two releases pair up.
+    if [ "$(uname -s)" = "Linux" ]; then
+        .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+    fi
+    .venv/bin/python -m pip install -q -e ".[test]"
+else
+    .venv/bin/python -m pip install -q -e .
+fi
