@@ -1,0 +1,76 @@
+"""Top-level Gemma 3n configuration built from an HF `config.json`, and E2B/E4B presets."""
+
+import copy
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .text.config import TextConfig
+
+SUPPORTED_MODEL_TYPES = ("gemma3n",)
+
+
+@dataclass
+class ModelConfig:
+    """The whole model: text decoder config plus the raw tower blocks (parsed by each tower)."""
+
+    text_config: TextConfig
+    vision_config: Optional[dict] = None
+    audio_config: Optional[dict] = None
+    image_token_id: int = 262_145
+    audio_token_id: int = 262_273
+    boi_token_id: int = 255_999
+    eoi_token_id: int = 262_144
+    boa_token_id: int = 256_000
+    eoa_token_id: int = 262_272
+    vision_soft_tokens_per_image: int = 256
+    audio_soft_tokens_per_image: int = 188
+    quantization: Optional[dict] = None
+    raw: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        model_type = d.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"unsupported model_type {model_type!r} in config.json "
+                f"(expected one of {', '.join(SUPPORTED_MODEL_TYPES)})"
+            )
+        if "text_config" not in d:
+            raise ValueError("config.json has no text_config block")
+        kwargs = {k: d[k] for k in cls.__dataclass_fields__ if k in d and k != "text_config"}
+        return cls(text_config=TextConfig.from_dict(d["text_config"]), raw=copy.deepcopy(d), **kwargs)
+
+    def to_dict(self) -> dict:
+        """The HF-style dict this config was read from, with MLX additions (quantization,
+        dropped towers) kept in sync."""
+        d = copy.deepcopy(self.raw)
+        for key in ("vision_config", "audio_config", "quantization"):
+            if getattr(self, key) is None:
+                d.pop(key, None)
+            else:
+                d[key] = copy.deepcopy(getattr(self, key))
+        return d
+
+
+def _preset(layers: int, intermediate: int, kv_shared: int) -> dict:
+    return {
+        "model_type": "gemma3n",
+        "text_config": {
+            "model_type": "gemma3n_text",
+            "num_hidden_layers": layers,
+            "intermediate_size": [intermediate] * layers,
+            "num_kv_shared_layers": kv_shared,
+            "activation_sparsity_pattern": [0.95] * 10 + [0.0] * (layers - 10),
+            "rope_theta": 1_000_000.0,
+            "rope_local_base_freq": 10_000.0,
+        },
+        "vision_config": {"model_type": "gemma3n_vision", "architecture": "mobilenetv5_300m_enc"},
+        "audio_config": {"model_type": "gemma3n_audio"},
+    }
+
+
+# Shapes of the released checkpoints (google/gemma-3n-E2B-it, google/gemma-3n-E4B-it).
+PRESETS = {
+    "E2B": _preset(layers=30, intermediate=8192, kv_shared=10),
+    "E4B": _preset(layers=35, intermediate=16384, kv_shared=15),
+}

@@ -1,0 +1,136 @@
+"""Loading Gemma 3n checkpoints: HF (either dialect) or MLX-converted, from disk or the Hub."""
+
+import json
+import re
+from pathlib import Path
+from typing import Dict, Iterable, Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ModelConfig
+from .model import TOWERS, Gemma3n
+from .tokenizer import Tokenizer
+
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.md"]
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete or does not fit the model."""
+
+
+def resolve_model_path(path_or_hub_id: str) -> Path:
+    """A local directory as is; an `owner/name` Hub id is downloaded (or read from the cache)."""
+    path = Path(path_or_hub_id).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"model path {path} is a file; expected a checkpoint directory")
+        return path
+    if not _HUB_ID.match(str(path_or_hub_id)):
+        raise CheckpointError(f"model path not found: {path}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(path_or_hub_id), allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # network, auth and missing-repo errors all end here
+        raise CheckpointError(
+            f"could not fetch {path_or_hub_id!r} from the Hugging Face Hub "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no details'}); "
+            "check the network or pass a local checkpoint directory"
+        ) from None
+
+
+def read_config(path: Path) -> ModelConfig:
+    file = path / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{path} has no config.json")
+    try:
+        return ModelConfig.from_dict(json.loads(file.read_text()))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{file}: {e}") from None
+
+
+def weight_files(path: Path) -> list:
+    """The safetensors shards, checked against the index when there is one."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{path} is missing shard(s) named in its index: {missing}")
+        return [path / n for n in names]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path} has no .safetensors weight files")
+    return files
+
+
+def read_weights(files: Iterable[Path]) -> Dict[str, mx.array]:
+    """All tensors of the shards, lazily: nothing is read until a tensor is evaluated."""
+    weights = {}
+    for file in files:
+        try:
+            shard = mx.load(str(file))
+        except Exception as e:
+            raise CheckpointError(f"cannot read {file} (corrupt or truncated?): {e}") from None
+        weights.update(shard)
+    return weights
+
+
+def check_weights(model: nn.Module, weights: Dict[str, mx.array]) -> None:
+    """Every parameter present with its shape, nothing extra; errors name the key."""
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise CheckpointError(f"checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:5]}")
+    extra = sorted(set(weights) - set(expected))
+    if extra:
+        raise CheckpointError(f"checkpoint has {len(extra)} unexpected tensor(s), e.g. {extra[:5]}")
+    for key, value in weights.items():
+        if value.shape != expected[key].shape:
+            raise CheckpointError(
+                f"tensor {key} has shape {tuple(value.shape)}, "
+                f"the model expects {tuple(expected[key].shape)}"
+            )
+
+
+def quantize_predicate(weights: Dict[str, mx.array]):
+    """Quantize exactly the modules the checkpoint stores quantized."""
+    return lambda path, module: f"{path}.scales" in weights
+
+
+def load_model(path: Path, towers: Optional[Iterable[str]] = None) -> Gemma3n:
+    """Build the model for the checkpoint in `path` and load its weights.
+
+    `towers`: which of ("vision", "audio") to build; default: those the checkpoint has."""
+    config = read_config(path)
+    available = [t for t in TOWERS if getattr(config, f"{t}_config") is not None]
+    towers = available if towers is None else list(towers)
+    absent = [t for t in towers if t not in available]
+    if absent:
+        raise CheckpointError(f"{path} has no {' or '.join(absent)} tower")
+    model = Gemma3n(config, towers=towers)
+    weights = model.sanitize(read_weights(weight_files(path)))
+    if config.quantization:
+        q = config.quantization
+        nn.quantize(
+            model,
+            group_size=q["group_size"],
+            bits=q["bits"],
+            class_predicate=quantize_predicate(weights),
+        )
+    check_weights(model, weights)
+    model.load_weights(list(weights.items()), strict=True)
+    model.eval()
+    return model
+
+
+def load(path_or_hub_id: str, text_only: bool = False) -> Tuple[Gemma3n, Tokenizer]:
+    """Load a Gemma 3n checkpoint (local dir or Hub id) -> (model, tokenizer)."""
+    path = resolve_model_path(path_or_hub_id)
+    model = load_model(path, towers=() if text_only else None)
+    return model, Tokenizer(path / "tokenizer.model")

@@ -1,0 +1,157 @@
+"""Gemma 3n for conditional generation: text decoder, multimodal embedders, tied LM head."""
+
+from typing import Any, Dict, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .config import ModelConfig
+from .multimodal import MultimodalEmbedder
+from .text.model import TextModel
+
+TOWERS = ("vision", "audio")
+
+
+class Gemma3n(nn.Module):
+    """The full model. Towers listed in `towers` (a subset of ("vision", "audio")) and their
+    embedders are built; the rest are absent, so their weights are never loaded."""
+
+    def __init__(self, config: ModelConfig, towers=TOWERS):
+        super().__init__()
+        self.config = config
+        self.language_model = TextModel(config.text_config)
+        text_dims = config.text_config.hidden_size
+        for name in towers:
+            block = getattr(config, f"{name}_config")
+            if block is None:
+                raise ValueError(f"this checkpoint has no {name} tower")
+            setattr(self, f"embed_{name}", _embedder(block, text_dims))
+            setattr(self, f"{name}_tower", _tower(name, block))
+
+    @property
+    def towers(self) -> List[str]:
+        return [t for t in TOWERS if f"{t}_tower" in self]
+
+    def make_cache(self) -> List[Any]:
+        return self.language_model.make_cache()
+
+    # -- embedding --------------------------------------------------------------------------
+
+    def embed_inputs(
+        self,
+        input_ids: mx.array,
+        image_features: Optional[mx.array] = None,
+        audio_features: Optional[mx.array] = None,
+    ):
+        """Token ids -> (inputs_embeds, per_layer_embeds). Multimodal hard tokens go through
+        their embedder; soft-token placeholders are replaced by the (already embedded)
+        `image_features` / `audio_features`, each [N, D] in placeholder order."""
+        lm = self.language_model
+        h = lm.embed(input_ids)
+        for name in TOWERS:
+            owned = _owned_ids(input_ids, name, self.config)
+            if owned is None or not mx.any(owned).item():
+                continue
+            embedder = self.get(f"embed_{name}")
+            if embedder is None:
+                raise ValueError(f"the prompt holds {name} tokens but no {name} tower is loaded")
+            safe = mx.where(owned, input_ids, embedder.vocab_offset)
+            h = mx.where(owned[..., None], embedder.embed_ids(safe).astype(h.dtype), h)
+        for token_id, feats in (
+            (self.config.image_token_id, image_features),
+            (self.config.audio_token_id, audio_features),
+        ):
+            if feats is not None:
+                h = scatter_placeholders(h, input_ids == token_id, feats)
+        return h, lm.per_layer_embeddings(input_ids)
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        out = self.language_model.embed_tokens.as_linear(hidden)
+        cap = self.config.text_config.final_logit_softcapping
+        if cap is not None:
+            out = mx.tanh(out / cap) * cap
+        return out
+
+    def __call__(
+        self,
+        input_ids: Optional[mx.array] = None,
+        cache: Optional[List[Any]] = None,
+        inputs_embeds: Optional[mx.array] = None,
+        per_layer_embeds: Optional[mx.array] = None,
+    ) -> mx.array:
+        """Logits for `input_ids` [B, L], or for precomputed (`inputs_embeds`, `per_layer_embeds`)."""
+        if inputs_embeds is None:
+            inputs_embeds, per_layer_embeds = self.embed_inputs(input_ids)
+        return self.logits(self.language_model(inputs_embeds, per_layer_embeds, cache))
+
+    # -- weights ----------------------------------------------------------------------------
+
+    def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+        """HF checkpoint names/layouts -> this module's. The one place names are mapped."""
+        text = self.config.text_config
+        shared = {
+            f"language_model.layers.{i}.self_attn.{p}"
+            for i in range(text.first_kv_shared_layer, text.num_hidden_layers)
+            for p in ("k_proj", "v_proj", "k_norm", "v_norm")
+        }
+        out = {}
+        for key, value in weights.items():
+            if key.startswith("model."):
+                key = key[len("model.") :]
+            if key.startswith("lm_head."):
+                continue  # tied to embed_tokens
+            if any(key.startswith(p + ".") for p in shared):
+                continue  # 2025 checkpoints still carry K/V weights for KV-shared layers
+            tower = next((t for t in TOWERS if key.startswith((f"{t}_tower.", f"embed_{t}."))), None)
+            if tower is not None and tower not in self.towers:
+                continue
+            out[key] = value
+        for name in self.towers:
+            tower = getattr(self, f"{name}_tower")
+            prefix = f"{name}_tower."
+            mine = {k[len(prefix) :]: out.pop(k) for k in list(out) if k.startswith(prefix)}
+            out.update({prefix + k: v for k, v in tower.sanitize(mine).items()})
+        return out
+
+
+def scatter_placeholders(h: mx.array, mask: mx.array, features: mx.array) -> mx.array:
+    """Put the rows of `features` ([N, D]) at the N True positions of `mask` ([B, L]), in order."""
+    idx = np.flatnonzero(np.array(mask))
+    if idx.size != features.shape[0]:
+        raise ValueError(f"{features.shape[0]} soft tokens for {idx.size} placeholder positions")
+    flat = h.reshape(-1, h.shape[-1])
+    flat[mx.array(idx)] = features.astype(h.dtype)
+    return flat.reshape(h.shape)
+
+
+def _owned_ids(input_ids: mx.array, name: str, config: ModelConfig) -> Optional[mx.array]:
+    block = getattr(config, f"{name}_config") or {}
+    offset = block.get("vocab_offset")
+    if offset is None:
+        return None
+    return (input_ids >= offset) & (input_ids < offset + block.get("vocab_size", 128))
+
+
+def _embedder(block: dict, text_dims: int) -> MultimodalEmbedder:
+    return MultimodalEmbedder(
+        dims=block.get("hidden_size", 2048),
+        text_dims=text_dims,
+        vocab_size=block.get("vocab_size", 128),
+        vocab_offset=block["vocab_offset"],
+        eps=block.get("rms_norm_eps", 1e-6),
+    )
+
+
+def _tower(name: str, block: dict) -> nn.Module:
+    if name == "vision":
+        from .vision.config import VisionConfig
+        from .vision.encoder import VisionTower
+
+        return VisionTower(VisionConfig.from_dict(block))
+    from .audio.config import AudioConfig
+    from .audio.encoder import AudioEncoder
+
+    return AudioEncoder(AudioConfig.from_dict(block))

@@ -1,0 +1,100 @@
+"""Text decoder configuration, read from either checkpoint dialect."""
+
+import inspect
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+SLIDING = "sliding_attention"
+GLOBAL = "full_attention"
+
+
+@dataclass
+class TextConfig:
+    """Gemma 3n text decoder hyper-parameters (defaults: E2B)."""
+
+    vocab_size: int = 262_400
+    vocab_size_per_layer_input: int = 262_144
+    hidden_size: int = 2048
+    hidden_size_per_layer_input: int = 256
+    intermediate_size: List[int] = field(default_factory=lambda: [8192] * 30)
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 2
+    head_dim: int = 256
+    rms_norm_eps: float = 1e-6
+    sliding_window: int = 512
+    layer_types: Optional[List[str]] = None
+    rope_theta: float = 1_000_000.0
+    rope_local_base_freq: float = 10_000.0
+    max_position_embeddings: int = 32_768
+    final_logit_softcapping: Optional[float] = 30.0
+    altup_num_inputs: int = 4
+    altup_active_idx: int = 0
+    altup_coef_clip: Optional[float] = 120.0
+    altup_correct_scale: bool = True
+    laurel_rank: int = 64
+    num_kv_shared_layers: int = 10
+    activation_sparsity_pattern: Optional[List[float]] = None
+    hidden_activation: str = "gelu_pytorch_tanh"
+
+    def __post_init__(self):
+        n = self.num_hidden_layers
+        if isinstance(self.intermediate_size, int):
+            self.intermediate_size = [self.intermediate_size] * n
+        if self.layer_types is None:
+            self.layer_types = [GLOBAL if (i + 1) % 5 == 0 else SLIDING for i in range(n)]
+        if self.activation_sparsity_pattern is None:
+            self.activation_sparsity_pattern = [0.95] * min(10, n) + [0.0] * max(0, n - 10)
+        elif isinstance(self.activation_sparsity_pattern, (int, float)):
+            self.activation_sparsity_pattern = [float(self.activation_sparsity_pattern)] * n
+        for name in ("intermediate_size", "layer_types", "activation_sparsity_pattern"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(
+                    f"text_config.{name} has {len(getattr(self, name))} entries, "
+                    f"expected one per layer ({n})"
+                )
+        unknown = set(self.layer_types) - {SLIDING, GLOBAL}
+        if unknown:
+            raise ValueError(f"text_config.layer_types has unknown types {sorted(unknown)}")
+        if self.hidden_activation != "gelu_pytorch_tanh":
+            raise ValueError(f"unsupported hidden_activation {self.hidden_activation!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TextConfig":
+        """Build from an HF `text_config` block of either dialect: transformers-5 writes
+        `rope_parameters` per layer type, 2025 checkpoints write `rope_theta` and
+        `rope_local_base_freq`."""
+        d = dict(d)
+        rope = d.get("rope_parameters") or {}
+        if GLOBAL in rope:
+            d["rope_theta"] = rope[GLOBAL].get("rope_theta", cls.rope_theta)
+            _check_default_rope(rope[GLOBAL])
+        if SLIDING in rope:
+            d["rope_local_base_freq"] = rope[SLIDING].get("rope_theta", cls.rope_local_base_freq)
+            _check_default_rope(rope[SLIDING])
+        if d.get("rope_scaling"):
+            _check_default_rope(d["rope_scaling"])
+        names = inspect.signature(cls).parameters
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @property
+    def first_kv_shared_layer(self) -> int:
+        return self.num_hidden_layers - self.num_kv_shared_layers
+
+    def kv_source(self, layer: int) -> int:
+        """The layer whose keys/values `layer` attends over: itself, or for a KV-shared layer the
+        last non-shared layer of the same attention type."""
+        first = self.first_kv_shared_layer
+        if layer < first:
+            return layer
+        kind = self.layer_types[layer]
+        sources = [i for i in range(first) if self.layer_types[i] == kind]
+        if not sources:
+            raise ValueError(f"layer {layer} shares KV but no earlier layer is of type {kind}")
+        return sources[-1]
+
+
+def _check_default_rope(params: dict) -> None:
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind != "default":
+        raise ValueError(f"unsupported rope_type {kind!r} (only 'default' RoPE is implemented)")

@@ -1,0 +1,138 @@
+"""The Gemma 3n text decoder: embeddings, per-layer embeddings (PLE), AltUp streams, layers."""
+
+from typing import Any, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+from .config import SLIDING, TextConfig
+from .decoder import DecoderLayer
+from .norm import RMSNorm
+
+
+def _match_magnitude(x: mx.array, target: mx.array) -> mx.array:
+    """Rescale x to the per-token RMS `target` (AltUp stream entry/exit)."""
+    rms = mx.sqrt(mx.maximum(mx.mean(x * x, axis=-1, keepdims=True), 1e-5))
+    return x * target / rms
+
+
+def _scale(value: float, dtype: mx.Dtype) -> mx.array:
+    # Rounded to the table's dtype first, as the reference does (sqrt(2048) is 45.25 in bf16).
+    return mx.array(value, dtype=mx.float32).astype(dtype)
+
+
+def _rms(x: mx.array) -> mx.array:
+    return mx.sqrt(mx.mean(x * x, axis=-1, keepdims=True))
+
+
+class TextModel(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        d, n_layers = config.hidden_size, config.num_hidden_layers
+        ple_dims = n_layers * config.hidden_size_per_layer_input
+        self.embed_tokens = nn.Embedding(config.vocab_size, d)
+        self.embed_tokens_per_layer = nn.Embedding(config.vocab_size_per_layer_input, ple_dims)
+        self.per_layer_model_projection = nn.Linear(d, ple_dims, bias=False)
+        self.per_layer_projection_norm = RMSNorm(
+            config.hidden_size_per_layer_input, config.rms_norm_eps
+        )
+        self.altup_projections = [
+            nn.Linear(d, d, bias=False) for _ in range(config.altup_num_inputs - 1)
+        ]
+        self.altup_unembed_projections = [
+            nn.Linear(d, d, bias=False) for _ in range(config.altup_num_inputs - 1)
+        ]
+        self.layers = [DecoderLayer(config, i) for i in range(n_layers)]
+        self.norm = RMSNorm(d, config.rms_norm_eps)
+
+    # -- embeddings -------------------------------------------------------------------------
+
+    def embed(self, input_ids: mx.array) -> mx.array:
+        """Scaled token embeddings (multimodal ids are embedded too and replaced later)."""
+        x = self.embed_tokens(input_ids)
+        return x * _scale(self.config.hidden_size**0.5, x.dtype)
+
+    def per_layer_embeddings(self, input_ids: mx.array) -> mx.array:
+        """Token-identity part of the per-layer inputs: [B, L, layers, P]. Ids outside the
+        per-layer vocabulary (image/audio tokens) read row 0."""
+        c = self.config
+        in_table = (input_ids >= 0) & (input_ids < c.vocab_size_per_layer_input)
+        ids = mx.where(in_table, input_ids, 0)
+        x = self.embed_tokens_per_layer(ids)
+        x = x * _scale(c.hidden_size_per_layer_input**0.5, x.dtype)
+        return x.reshape(*ids.shape, c.num_hidden_layers, c.hidden_size_per_layer_input)
+
+    def per_layer_inputs(self, inputs_embeds: mx.array, per_layer_embeds: mx.array) -> mx.array:
+        """Combine the token-identity part with a projection of the (multimodal) embeddings."""
+        c = self.config
+        proj = self.per_layer_model_projection(inputs_embeds) * (c.hidden_size**-0.5)
+        proj = proj.reshape(
+            *inputs_embeds.shape[:-1], c.num_hidden_layers, c.hidden_size_per_layer_input
+        )
+        proj = self.per_layer_projection_norm(proj)
+        return (proj + per_layer_embeds) * (2**-0.5)
+
+    # -- caches -----------------------------------------------------------------------------
+
+    def make_cache(self) -> List[Any]:
+        """One cache per layer that computes K/V; KV-shared layers read their source's cache."""
+        c = self.config
+        return [
+            RotatingKVCache(max_size=c.sliding_window) if t == SLIDING else KVCache()
+            for t in c.layer_types[: c.first_kv_shared_layer]
+        ]
+
+    def _masks(self, h: mx.array, cache: List[Any]):
+        c = self.config
+        masks = {}
+        for kind in set(c.layer_types):
+            src = max(i for i in range(c.first_kv_shared_layer) if c.layer_types[i] == kind)
+            window = c.sliding_window if kind == SLIDING else None
+            masks[kind] = create_attention_mask(h, cache[src], window_size=window)
+        return masks
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        inputs_embeds: mx.array,
+        per_layer_embeds: mx.array,
+        cache: Optional[List[Any]] = None,
+    ) -> mx.array:
+        """inputs_embeds: [B, L, D] (already multimodal-merged); per_layer_embeds: [B, L,
+        layers, P] from `per_layer_embeddings`. Returns the final normed hidden states."""
+        c = self.config
+        if cache is None:
+            cache = [None] * c.first_kv_shared_layer
+        offset = cache[0].offset if cache[0] is not None else 0
+        per_layer = self.per_layer_inputs(inputs_embeds, per_layer_embeds)
+
+        target = _rms(inputs_embeds)
+        streams = [inputs_embeds] + [
+            _match_magnitude(p(inputs_embeds), target) for p in self.altup_projections
+        ]
+        h = mx.stack(streams, axis=0)
+
+        masks = self._masks(inputs_embeds, cache)
+        kvs = {}
+        for i, layer in enumerate(self.layers):
+            src = c.kv_source(i)
+            h, kv = layer(
+                h,
+                per_layer[:, :, i, :],
+                masks[c.layer_types[i]],
+                offset,
+                cache=cache[i] if i < len(cache) else None,
+                shared_kv=kvs.get(src),
+            )
+            kvs[i] = kv
+
+        target = _rms(h[0])
+        streams = [h[0]] + [
+            _match_magnitude(p(h[k + 1]), target)
+            for k, p in enumerate(self.altup_unembed_projections)
+        ]
+        return self.norm(mx.mean(mx.stack(streams, axis=0), axis=0))
