@@ -10,7 +10,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ModelConfig
-from .model import TOWERS, Gemma3n
+from .model import Gemma3n
 from .tokenizer import Tokenizer
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.md"]
@@ -103,34 +103,56 @@ def quantize_predicate(weights: Dict[str, mx.array]):
     return lambda path, module: f"{path}.scales" in weights
 
 
-def load_model(path: Path, towers: Optional[Iterable[str]] = None) -> Gemma3n:
-    """Build the model for the checkpoint in `path` and load its weights.
-
-    `towers`: which of ("vision", "audio") to build; default: those the checkpoint has."""
-    config = read_config(path)
-    available = [t for t in TOWERS if getattr(config, f"{t}_config") is not None]
-    towers = available if towers is None else list(towers)
-    absent = [t for t in towers if t not in available]
-    if absent:
-        raise CheckpointError(f"{path} has no {' or '.join(absent)} tower")
-    model = Gemma3n(config, towers=towers)
-    weights = model.sanitize(read_weights(weight_files(path)))
-    if config.quantization:
-        q = config.quantization
+def _load_module(module: nn.Module, weights: Dict[str, mx.array], quantization) -> None:
+    if quantization:
         nn.quantize(
-            model,
-            group_size=q["group_size"],
-            bits=q["bits"],
+            module,
+            group_size=quantization["group_size"],
+            bits=quantization["bits"],
             class_predicate=quantize_predicate(weights),
         )
-    check_weights(model, weights)
-    model.load_weights(list(weights.items()), strict=True)
-    model.eval()
+    check_weights(module, weights)
+    module.load_weights(list(weights.items()), strict=True)
+    module.eval()
+
+
+def load_model(path: Path, parts: Optional[Iterable[str]] = None, lazy: bool = True) -> Gemma3n:
+    """Build the model for the checkpoint in `path` and load its text decoder.
+
+    `parts` (e.g. "vision_tower", "embed_audio") are loaded now; with `lazy` the others are
+    loaded from the same files on first use, else they stay absent. Tensors are memory-mapped,
+    so the weights of parts never used are never read."""
+    config = read_config(path)
+    model = Gemma3n(config)
+    weights = model.sanitize(read_weights(weight_files(path)))
+    by_part = {}
+    for key, value in weights.items():
+        part, rest = key.split(".", 1)
+        by_part.setdefault(part, {})[rest] = value
+    unknown = sorted(set(by_part) - {"language_model", *model.parts})
+    if unknown:
+        raise CheckpointError(f"checkpoint has tensors for unknown part(s) {unknown}")
+    _load_module(model.language_model, by_part.pop("language_model", {}), config.quantization)
+
+    def load_part(part: str, module: nn.Module) -> None:
+        found = by_part.get(part)
+        if not found:
+            raise CheckpointError(f"{path} has no weights for {part}")
+        if hasattr(module, "sanitize"):
+            found = module.sanitize(found)
+        _load_module(module, found, config.quantization)
+
+    model.set_part_loader(load_part)
+    model.require(*(parts or ()))
+    if not lazy:
+        model.set_part_loader(None)
     return model
 
 
 def load(path_or_hub_id: str, text_only: bool = False) -> Tuple[Gemma3n, Tokenizer]:
-    """Load a Gemma 3n checkpoint (local dir or Hub id) -> (model, tokenizer)."""
+    """Load a Gemma 3n checkpoint (local dir or Hub id) -> (model, tokenizer).
+
+    Audio and vision parts load on first use; `text_only=True` never loads them."""
     path = resolve_model_path(path_or_hub_id)
-    model = load_model(path, towers=() if text_only else None)
+    model = load_model(path, lazy=not text_only)
     return model, Tokenizer(path / "tokenizer.model")

@@ -1,6 +1,6 @@
 """Gemma 3n for conditional generation: text decoder, multimodal embedders, tied LM head."""
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -14,24 +14,48 @@ TOWERS = ("vision", "audio")
 
 
 class Gemma3n(nn.Module):
-    """The full model. Towers listed in `towers` (a subset of ("vision", "audio")) and their
-    embedders are built; the rest are absent, so their weights are never loaded."""
+    """The full model. Only the text decoder is built up front; each tower and embedder is a
+    *part* built and loaded by `require` when a request first needs it (or never)."""
 
-    def __init__(self, config: ModelConfig, towers=TOWERS):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.language_model = TextModel(config.text_config)
-        text_dims = config.text_config.hidden_size
-        for name in towers:
-            block = getattr(config, f"{name}_config")
-            if block is None:
-                raise ValueError(f"this checkpoint has no {name} tower")
-            setattr(self, f"embed_{name}", _embedder(block, text_dims))
-            setattr(self, f"{name}_tower", _tower(name, block))
+        self._part_loader: Optional[Callable[[str, nn.Module], None]] = None
+
+    def set_part_loader(self, loader: Optional[Callable[[str, nn.Module], None]]) -> None:
+        """`loader(part, module)` loads the weights of a freshly built part into `module`;
+        None means the parts that are absent now stay absent."""
+        self._part_loader = loader
+
+    def build_part(self, part: str) -> nn.Module:
+        """A new, unloaded module for `part`: "embed_<tower>" or "<tower>_tower"."""
+        name = part.removeprefix("embed_").removesuffix("_tower")
+        if name not in TOWERS or part not in (f"embed_{name}", f"{name}_tower"):
+            raise ValueError(f"unknown model part {part!r}")
+        block = getattr(self.config, f"{name}_config")
+        if block is None:
+            raise ValueError(f"this checkpoint has no {name} tower")
+        if part.startswith("embed_"):
+            return _embedder(block, self.config.text_config.hidden_size)
+        return _tower(name, block)
+
+    def require(self, *parts: str) -> None:
+        """Make sure the named parts (e.g. "embed_audio", "vision_tower") are loaded."""
+        for part in parts:
+            if part in self:
+                continue
+            if self._part_loader is None:
+                raise ValueError(f"{part} is not loaded (the model was loaded text-only)")
+            module = self.build_part(part)
+            self._part_loader(part, module)
+            setattr(self, part, module)
 
     @property
-    def towers(self) -> List[str]:
-        return [t for t in TOWERS if f"{t}_tower" in self]
+    def parts(self) -> List[str]:
+        """Every optional part this checkpoint has, loaded or not."""
+        names = [t for t in TOWERS if getattr(self.config, f"{t}_config") is not None]
+        return [p for t in names for p in (f"embed_{t}", f"{t}_tower")]
 
     def make_cache(self) -> List[Any]:
         return self.language_model.make_cache()
@@ -53,9 +77,8 @@ class Gemma3n(nn.Module):
             owned = _owned_ids(input_ids, name, self.config)
             if owned is None or not mx.any(owned).item():
                 continue
-            embedder = self.get(f"embed_{name}")
-            if embedder is None:
-                raise ValueError(f"the prompt holds {name} tokens but no {name} tower is loaded")
+            self.require(f"embed_{name}")
+            embedder = self[f"embed_{name}"]
             safe = mx.where(owned, input_ids, embedder.vocab_offset)
             h = mx.where(owned[..., None], embedder.embed_ids(safe).astype(h.dtype), h)
         for token_id, feats in (
@@ -90,30 +113,22 @@ class Gemma3n(nn.Module):
     # -- weights ----------------------------------------------------------------------------
 
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
-        """HF checkpoint names/layouts -> this module's. The one place names are mapped."""
+        """HF checkpoint names -> this model's (`language_model.*`, `embed_audio.*`,
+        `vision_tower.*`, ...). Tower-internal layouts are fixed by each tower's `sanitize`
+        when the part is loaded. Already-converted MLX weights pass through unchanged."""
         text = self.config.text_config
-        shared = {
-            f"language_model.layers.{i}.self_attn.{p}"
+        shared = tuple(
+            f"language_model.layers.{i}.self_attn.{p}."
             for i in range(text.first_kv_shared_layer, text.num_hidden_layers)
             for p in ("k_proj", "v_proj", "k_norm", "v_norm")
-        }
+        )
         out = {}
         for key, value in weights.items():
-            if key.startswith("model."):
-                key = key[len("model.") :]
-            if key.startswith("lm_head."):
-                continue  # tied to embed_tokens
-            if any(key.startswith(p + ".") for p in shared):
-                continue  # 2025 checkpoints still carry K/V weights for KV-shared layers
-            tower = next((t for t in TOWERS if key.startswith((f"{t}_tower.", f"embed_{t}."))), None)
-            if tower is not None and tower not in self.towers:
-                continue
-            out[key] = value
-        for name in self.towers:
-            tower = getattr(self, f"{name}_tower")
-            prefix = f"{name}_tower."
-            mine = {k[len(prefix) :]: out.pop(k) for k in list(out) if k.startswith(prefix)}
-            out.update({prefix + k: v for k, v in tower.sanitize(mine).items()})
+            key = key.removeprefix("model.")
+            # lm_head is tied to embed_tokens; 2025 checkpoints still carry K/V weights
+            # for the KV-shared layers, which compute none.
+            if not key.startswith("lm_head.") and not key.startswith(shared):
+                out[key] = value
         return out
 
 

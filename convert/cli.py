@@ -1,0 +1,42 @@
+"""Command line for the converter."""
+
+import argparse
+import sys
+
+from mlx_gemma3n.loading import CheckpointError
+
+from .converter import DTYPES, ConversionError, convert
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m convert",
+        description="Convert a Hugging Face Gemma 3n checkpoint to an MLX checkpoint.",
+    )
+    p.add_argument("--hf-path", required=True, help="HF checkpoint directory or Hub id")
+    p.add_argument("--mlx-path", required=True, help="output directory (must not exist)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument("-q", "--quantize", action="store_true", help="quantize the text decoder")
+    p.add_argument("--q-bits", type=int, choices=(4, 8), default=4)
+    p.add_argument("--q-group-size", type=int, choices=(32, 64, 128), default=64)
+    p.add_argument("--drop-audio", action="store_true", help="leave out the audio tower")
+    p.add_argument("--drop-vision", action="store_true", help="leave out the vision tower")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    try:
+        out = convert(
+            args.hf_path,
+            args.mlx_path,
+            dtype=args.dtype,
+            quantize=args.quantize,
+            q_bits=args.q_bits,
+            q_group_size=args.q_group_size,
+            drop=[t for t in ("audio", "vision") if getattr(args, f"drop_{t}")],
+        )
+    except (CheckpointError, ConversionError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"wrote {out}", file=sys.stderr)

@@ -1,0 +1,166 @@
+"""Conversion: load and validate an HF checkpoint, cast/quantize, write MLX shards atomically."""
+
+import json
+import os
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Dict, Iterable, List
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+from tqdm import tqdm
+
+from mlx_gemma3n.loading import load_model, resolve_model_path
+
+DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+SHARD_BYTES = 2 << 30
+AUX_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+class ConversionError(RuntimeError):
+    """The conversion cannot be done as asked (output location, options)."""
+
+
+def _should_quantize(group_size: int):
+    def predicate(path: str, module: nn.Module) -> bool:
+        # AltUp's router and coefficient maps are tiny and steer every stream; keep them exact.
+        if "altup" in path or not isinstance(module, (nn.Linear, nn.Embedding)):
+            return False
+        return module.weight.shape[-1] % group_size == 0
+
+    return predicate
+
+
+def _cast(module: nn.Module, dtype: mx.Dtype) -> None:
+    module.update(
+        tree_map(lambda a: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a,
+                 module.parameters())
+    )
+
+
+def _shards(weights: Dict[str, mx.array]) -> List[Dict[str, mx.array]]:
+    shards, current, size = [], {}, 0
+    for key in sorted(weights):
+        nbytes = weights[key].nbytes
+        if current and size + nbytes > SHARD_BYTES:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = weights[key]
+        size += nbytes
+    return shards + [current] if current else shards
+
+
+def _write_weights(out: Path, weights: Dict[str, mx.array]) -> None:
+    shards = _shards(weights)
+    index = {"metadata": {"total_size": sum(w.nbytes for w in weights.values())}, "weight_map": {}}
+    bar = tqdm(total=index["metadata"]["total_size"], unit="B", unit_scale=True, desc="writing")
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        mx.save_safetensors(str(out / name), shard, metadata={"format": "mlx"})
+        index["weight_map"].update({k: name for k in shard})
+        bar.update(sum(w.nbytes for w in shard.values()))
+    bar.close()
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _readme(source: str, options: dict, parts: Iterable[str]) -> str:
+    lines = [
+        "# Gemma 3n, converted for MLX",
+        "",
+        f"- Source: `{source}`",
+        f"- Converted: {datetime.now(timezone.utc).isoformat(timespec='seconds')} by mlx-gemma3n",
+        f"- Options: `{json.dumps(options)}`",
+        f"- Parts besides the text decoder: {', '.join(parts) or 'none (text only)'}",
+        "",
+        "Load with `mlx_gemma3n.load(path)`. Gemma 3n is subject to the Gemma terms of use.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _temp_dir_beside(out: Path) -> Path:
+    if out.exists():
+        raise ConversionError(f"output directory {out} already exists; remove it or pick another")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+    except OSError as e:
+        raise ConversionError(f"cannot write to {parent}: {e.strerror or e}") from None
+
+
+def convert(
+    hf_path: str,
+    mlx_path: str,
+    dtype: str = "bfloat16",
+    quantize: bool = False,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    drop: Iterable[str] = (),
+) -> Path:
+    """Convert `hf_path` (directory or Hub id) into a new MLX checkpoint at `mlx_path`.
+
+    Everything is written to a temporary directory beside `mlx_path` and renamed at the end:
+    a failed or interrupted conversion leaves nothing at `mlx_path`."""
+    if dtype not in DTYPES:
+        raise ConversionError(f"unsupported dtype {dtype!r}; choose from {sorted(DTYPES)}")
+    out = Path(mlx_path).expanduser()
+    tmp = _temp_dir_beside(out)  # fail on a bad output location before the long work
+    tmp.rmdir()
+    src = resolve_model_path(hf_path)
+    model = load_model(src)
+    drop = set(drop)
+    parts = [p for p in model.parts if p.removeprefix("embed_").removesuffix("_tower") not in drop]
+    print(f"loading {src}: language_model {' '.join(parts)}")
+    model.require(*parts)
+    model.set_part_loader(None)
+
+    _cast(model, DTYPES[dtype])
+    config = model.config
+    for tower in drop:
+        setattr(config, f"{tower}_config", None)
+    if quantize:
+        nn.quantize(
+            model.language_model,
+            group_size=q_group_size,
+            bits=q_bits,
+            class_predicate=_should_quantize(q_group_size),
+        )
+        config.quantization = {"group_size": q_group_size, "bits": q_bits}
+    weights = dict(tree_flatten(model.parameters()))
+
+    tmp = _temp_dir_beside(out)
+    try:
+        _write_weights(tmp, weights)
+        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        for name in AUX_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+        options = {"dtype": dtype, "quantize": quantize, "drop": sorted(drop)}
+        if quantize:
+            options.update(q_bits=q_bits, q_group_size=q_group_size)
+        (tmp / "README.md").write_text(_readme(str(hf_path), options, parts))
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
