@@ -19,6 +19,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("-q", "--quantize", action="store_true", help="quantize the text decoder")
     p.add_argument("--q-bits", type=int, choices=(4, 8), default=4)
     p.add_argument("--q-group-size", type=int, choices=(32, 64, 128), default=64)
+    p.add_argument(
+        "--q-ple-bits",
+        type=int,
+        choices=(0, 4, 8),
+        default=8,
+        help="bits for the per-layer embedding table when quantizing (0: keep --dtype)",
+    )
     p.add_argument("--drop-audio", action="store_true", help="leave out the audio tower")
     p.add_argument("--drop-vision", action="store_true", help="leave out the vision tower")
     return p.parse_args(argv)
@@ -34,6 +41,7 @@ def main(argv=None) -> None:
             quantize=args.quantize,
             q_bits=args.q_bits,
             q_group_size=args.q_group_size,
+            q_ple_bits=args.q_ple_bits,
             drop=[t for t in ("audio", "vision") if getattr(args, f"drop_{t}")],
         )
     except (CheckpointError, ConversionError, FileNotFoundError) as e:

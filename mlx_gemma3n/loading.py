@@ -11,6 +11,8 @@ from mlx.utils import tree_flatten
 
 from .config import ModelConfig
 from .model import Gemma3n
+from .text.ple import PARTS as PLE_PARTS
+from .text.ple import PerLayerEmbeddingTable
 from .tokenizer import Tokenizer
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.md"]
@@ -116,6 +118,21 @@ def _load_module(module: nn.Module, weights: Dict[str, mx.array], quantization) 
     module.eval()
 
 
+def load_ple_table(files, config: ModelConfig) -> PerLayerEmbeddingTable:
+    try:
+        table = PerLayerEmbeddingTable.from_files(files, config.quantization)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(str(e).strip("'")) from None
+    c = config.text_config
+    expected = (c.vocab_size_per_layer_input, c.num_hidden_layers * c.hidden_size_per_layer_input)
+    if (table.num_rows, table.dims) != expected:
+        raise CheckpointError(
+            f"tensor language_model.embed_tokens_per_layer.weight has shape "
+            f"{(table.num_rows, table.dims)}, the model expects {expected}"
+        )
+    return table
+
+
 def load_model(path: Path, parts: Optional[Iterable[str]] = None, lazy: bool = True) -> Gemma3n:
     """Build the model for the checkpoint in `path` and load its text decoder.
 
@@ -124,7 +141,8 @@ def load_model(path: Path, parts: Optional[Iterable[str]] = None, lazy: bool = T
     so the weights of parts never used are never read."""
     config = read_config(path)
     model = Gemma3n(config)
-    weights = model.sanitize(read_weights(weight_files(path)))
+    files = weight_files(path)
+    weights = model.sanitize(read_weights(files))
     by_part = {}
     for key, value in weights.items():
         part, rest = key.split(".", 1)
@@ -132,7 +150,11 @@ def load_model(path: Path, parts: Optional[Iterable[str]] = None, lazy: bool = T
     unknown = sorted(set(by_part) - {"language_model", *model.parts})
     if unknown:
         raise CheckpointError(f"checkpoint has tensors for unknown part(s) {unknown}")
-    _load_module(model.language_model, by_part.pop("language_model", {}), config.quantization)
+    text = by_part.pop("language_model", {})
+    for name in PLE_PARTS:
+        text.pop(f"embed_tokens_per_layer.{name}", None)  # mapped below, never loaded whole
+    _load_module(model.language_model, text, config.quantization)
+    model.language_model.ple_table = load_ple_table(files, config)
 
     def load_part(part: str, module: nn.Module) -> None:
         found = by_part.get(part)

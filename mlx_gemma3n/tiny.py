@@ -53,7 +53,7 @@ TINY_CONFIG = {
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "head_dim": 16,
-        "hidden_size_per_layer_input": 8,
+        "hidden_size_per_layer_input": 64,
         "sliding_window": 8,
         "layer_types": [
             "sliding_attention",

@@ -101,7 +101,8 @@ def test_long_prompt_chunked_prefill_then_decode(tiny_hf, text_model):
 
 
 def test_greedy_generation_is_token_identical_to_transformers(tiny_hf, text_model):
-    """70 greedy tokens from a 6-token prompt: crosses the 8-token sliding window many times."""
+    """70 greedy tokens from a 6-token prompt: crosses the 8-token sliding window many times.
+    transformers' min_new_tokens masks the end ids (1, 6); a logits processor does the same here."""
     ids = prompt(6, seed=5)
     with torch.no_grad():
         ref = tiny_hf[1].generate(
@@ -110,6 +111,11 @@ def test_greedy_generation_is_token_identical_to_transformers(tiny_hf, text_mode
             min_new_tokens=70,
             do_sample=False,
         )[0, ids.shape[1] :].tolist()
-    ours = [t for t, _ in generate_step(text_model, mx.array(ids[0]), max_tokens=70)]
+    def no_end(history, logits):
+        banned = np.where(np.isin(np.arange(logits.shape[-1]), [1, 6]), -np.inf, 0.0)
+        return logits + mx.array(banned, logits.dtype)
+
+    steps = generate_step(text_model, mx.array(ids[0]), max_tokens=70, logits_processors=[no_end])
+    ours = [t for t, _ in steps]
     assert len(ref) == 70
     assert ours == ref

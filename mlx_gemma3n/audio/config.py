@@ -7,7 +7,7 @@ from typing import Tuple
 
 @dataclass
 class AudioConfig:
-    """USM Conformer hyper-parameters; defaults are those of Gemma 3n E2B and E4B (they share one tower)."""
+    """USM Conformer hyper-parameters; defaults are Gemma 3n E2B's and E4B's (they share one)."""
 
     vocab_size: int = 128
     vocab_offset: int = 262_144 + 128  # text vocab, then the vision vocab, then ours

@@ -9,7 +9,7 @@ is a multiple of 128 samples.
 
 import inspect
 import math
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -67,10 +67,15 @@ class AudioFeatureExtractor:
         n = np.arange(self.frame_length, dtype=np.float32)
         self.window = (0.5 * (1 - np.cos(2 * np.pi * n / self.frame_length))).astype(np.float32)
         self.mel_filters = mel_filterbank(
-            self.fft_length // 2 + 1, min_frequency, max_frequency, feature_size, sampling_rate, self.fft_length
+            self.fft_length // 2 + 1,
+            min_frequency,
+            max_frequency,
+            feature_size,
+            sampling_rate,
+            self.fft_length,
         )
-        self.per_bin_mean = None if per_bin_mean is None else np.asarray(per_bin_mean).reshape(1, feature_size)
-        self.per_bin_stddev = None if per_bin_stddev is None else np.asarray(per_bin_stddev).reshape(1, feature_size)
+        self.per_bin_mean = _per_bin(per_bin_mean, feature_size)
+        self.per_bin_stddev = _per_bin(per_bin_stddev, feature_size)
 
     @classmethod
     def from_dict(cls, d: dict) -> "AudioFeatureExtractor":
@@ -81,7 +86,9 @@ class AudioFeatureExtractor:
         values. Image-processor keys sharing the file are ignored too.
         """
         if d.get("padding_side", "right") != "right":
-            raise ValueError(f"unsupported padding_side {d['padding_side']!r}: Gemma 3n pads audio on the right")
+            raise ValueError(
+                f"unsupported padding_side {d['padding_side']!r}: Gemma 3n pads audio on the right"
+            )
         names = inspect.signature(cls).parameters
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -90,7 +97,7 @@ class AudioFeatureExtractor:
         padded = min(_round_up(num_samples, self.pad_to_multiple_of), self.max_length)
         return max(0, (padded - self.frame_length - 1) // self.hop_length + 1)
 
-    def __call__(self, audio: Union[np.ndarray, Sequence[np.ndarray]]) -> tuple:
+    def __call__(self, audio: Union[np.ndarray, Sequence[np.ndarray]]) -> Tuple[np.ndarray, np.ndarray]:
         """Extract features for one clip or a batch of clips.
 
         Args:
@@ -146,7 +153,12 @@ class AudioFeatureExtractor:
         if not self.preemphasis_htk_flavor:
             return frames[..., 1:] - p * frames[..., :-1]
         # HTK: the first sample has no predecessor inside the frame, so it is scaled by (1 - p).
-        return np.concatenate([frames[..., :1] * (1.0 - p), frames[..., 1:-1] - p * frames[..., :-2]], axis=-1)
+        first = frames[..., :1] * (1.0 - p)
+        return np.concatenate([first, frames[..., 1:-1] - p * frames[..., :-2]], axis=-1)
+
+
+def _per_bin(values: Optional[Sequence[float]], feature_size: int) -> Optional[np.ndarray]:
+    return None if values is None else np.asarray(values).reshape(1, feature_size)
 
 
 def _round_up(n: int, multiple: Optional[int]) -> int:

@@ -15,7 +15,9 @@ class AudioError(ValueError):
     """An audio input that cannot be used: unreadable, empty, non-finite or badly shaped."""
 
 
-def load_audio(source: Union[str, os.PathLike, np.ndarray], sampling_rate: Optional[int] = None) -> np.ndarray:
+def load_audio(
+    source: Union[str, os.PathLike, np.ndarray], sampling_rate: Optional[int] = None
+) -> np.ndarray:
     """Load `source` as a float32 mono waveform at 16 kHz.
 
     Args:

@@ -1,6 +1,8 @@
 """Sub-sample convolution projection (SSCP): two strided 2-D convolutions over (time, mel)
 that cut the frame rate by 4 before the Conformer, each followed by a causal group norm."""
 
+import math
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -11,6 +13,11 @@ _FREQ_PADDING = (1, 1)
 
 def conv_output_length(length: int, kernel: int, stride: int, padding: int) -> int:
     return (length + padding - kernel) // stride + 1
+
+
+def time_stride(config: AudioConfig) -> int:
+    """Feature frames per subsampled step (4)."""
+    return math.prod(stride for stride, _ in config.sscp_conv_stride_size)
 
 
 def encoder_output_length(num_frames: int, config: AudioConfig) -> int:

@@ -10,6 +10,7 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache
 from .config import SLIDING, TextConfig
 from .decoder import DecoderLayer
 from .norm import RMSNorm
+from .ple import PerLayerEmbeddingTable
 
 
 def _match_magnitude(x: mx.array, target: mx.array) -> mx.array:
@@ -34,7 +35,8 @@ class TextModel(nn.Module):
         d, n_layers = config.hidden_size, config.num_hidden_layers
         ple_dims = n_layers * config.hidden_size_per_layer_input
         self.embed_tokens = nn.Embedding(config.vocab_size, d)
-        self.embed_tokens_per_layer = nn.Embedding(config.vocab_size_per_layer_input, ple_dims)
+        # Not a parameter: memory-mapped from the checkpoint by the loader (see ple.py).
+        self.ple_table: Optional[PerLayerEmbeddingTable] = None
         self.per_layer_model_projection = nn.Linear(d, ple_dims, bias=False)
         self.per_layer_projection_norm = RMSNorm(
             config.hidden_size_per_layer_input, config.rms_norm_eps
@@ -61,7 +63,9 @@ class TextModel(nn.Module):
         c = self.config
         in_table = (input_ids >= 0) & (input_ids < c.vocab_size_per_layer_input)
         ids = mx.where(in_table, input_ids, 0)
-        x = self.embed_tokens_per_layer(ids)
+        if self.ple_table is None:
+            raise RuntimeError("the per-layer embedding table is not loaded")
+        x = self.ple_table(ids)
         x = x * _scale(c.hidden_size_per_layer_input**0.5, x.dtype)
         return x.reshape(*ids.shape, c.num_hidden_layers, c.hidden_size_per_layer_input)
 

@@ -1,0 +1,78 @@
+"""The per-layer embedding (PLE) table, memory-mapped and gathered row by row.
+
+In E2B it holds ~2B of the 5B parameters (262144 tokens x 30 layers x 256), yet a step only
+needs the rows of the tokens it processes, so it is never loaded: rows are read from the
+checkpoint file on demand (one contiguous read per token per tensor) and dequantized.
+"""
+
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, Optional
+
+import mlx.core as mx
+import numpy as np
+
+from ..mmap_tensors import MappedTensor, map_tensors
+
+NAME = "language_model.embed_tokens_per_layer"
+PARTS = ("weight", "scales", "biases")
+
+
+class PerLayerEmbeddingTable:
+    def __init__(
+        self,
+        weight: MappedTensor,
+        scales: Optional[MappedTensor] = None,
+        biases: Optional[MappedTensor] = None,
+        group_size: int = 64,
+        bits: int = 8,
+    ):
+        self.weight, self.scales, self.biases = weight, scales, biases
+        self.group_size, self.bits = group_size, bits
+        self.num_rows = weight.shape[0]
+        self.dims = weight.shape[1] * 32 // bits if scales is not None else weight.shape[1]
+
+    @property
+    def quantized(self) -> bool:
+        return self.scales is not None
+
+    @classmethod
+    def from_files(cls, files: Iterable[Path], quantization: Optional[dict]) -> "PerLayerEmbeddingTable":
+        """Find the table in the checkpoint shards (HF or MLX names) and map it."""
+        names = {f"{prefix}{NAME}.{p}": p for prefix in ("model.", "") for p in PARTS}
+        mapped = {names[k]: v for k, v in map_tensors(files, names).items()}
+        if "weight" not in mapped:
+            raise KeyError(f"checkpoint lacks {NAME}.weight")
+        if "scales" not in mapped:
+            return cls(mapped["weight"])
+        q = (quantization or {}).get(NAME, quantization)
+        return cls(mapped["weight"], mapped["scales"], mapped["biases"], q["group_size"], q["bits"])
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        """Rows for `ids` (any shape) -> [*ids.shape, dims], dequantized."""
+        return self.rows(np.array(ids))
+
+    def rows(self, ids: np.ndarray) -> mx.array:
+        w = self.weight.rows(ids)
+        if not self.quantized:
+            return w
+        return mx.dequantize(
+            w, self.scales.rows(ids), self.biases.rows(ids), group_size=self.group_size, bits=self.bits
+        )
+
+    def blocks(self, rows_per_block: int = 8192) -> Iterator[mx.array]:
+        """The whole table, dequantized, a block of rows at a time (for conversion)."""
+        for start in range(0, self.num_rows, rows_per_block):
+            yield self.rows(np.arange(start, min(start + rows_per_block, self.num_rows)))
+
+
+def quantize_blocks(
+    table: PerLayerEmbeddingTable, dtype: mx.Dtype, group_size: int, bits: int
+) -> Iterator[Dict[str, mx.array]]:
+    """Blocks of the table cast to `dtype` and, if `bits`, affine-quantized row-wise."""
+    for block in table.blocks():
+        block = block.astype(dtype)
+        if not bits:
+            yield {f"{NAME}.weight": block}
+            continue
+        w, scales, biases = mx.quantize(block, group_size=group_size, bits=bits)
+        yield {f"{NAME}.weight": w, f"{NAME}.scales": scales, f"{NAME}.biases": biases}

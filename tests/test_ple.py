@@ -1,0 +1,104 @@
+"""The per-layer embedding table is memory-mapped and gathered by row, never resident."""
+
+import json
+import os
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from safetensors.numpy import save_file
+
+from convert import convert
+from mlx_gemma3n.loading import load_model
+from mlx_gemma3n.text.ple import NAME, PerLayerEmbeddingTable
+
+
+def mapped_rss_kb(path) -> int:
+    """Resident kB of this process's mappings of `path` (pages it touched, not page cache)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:
+            inside = len(fields) >= 6 and fields[5] == str(path)
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
+
+
+@pytest.fixture(scope="module")
+def big_table(tmp_path_factory):
+    """A 65536 x 448 float32 table (115 MB) in a safetensors file."""
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((65536, 448), dtype=np.float32)
+    path = tmp_path_factory.mktemp("ple") / "table.safetensors"
+    save_file({f"model.{NAME}.weight": table}, str(path))
+    return path, table
+
+
+def test_gather_reads_only_the_rows_asked_for(big_table):
+    path, table = big_table
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)  # dirty pages cannot be dropped
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # a cold start: nothing cached
+    os.close(fd)
+    ple = PerLayerEmbeddingTable.from_files([path], None)
+    ids = np.array([[5, 40_000, 65_535, 7]])
+    rows = ple(mx.array(ids))
+    np.testing.assert_array_equal(np.array(rows), table[ids])
+    touched = mapped_rss_kb(path)
+    # 4 rows of 1.75 kB: a page or two each (measured 24 kB), not the 115 MB table
+    assert 0 < touched <= 64, touched
+
+
+def test_quantized_rows_match_the_float_table(big_table, tmp_path):
+    """Gather + dequantize equals quantizing the float rows, within the 8-bit bound."""
+    _, table = big_table
+    w = mx.array(table[:1024])
+    q, scales, biases = mx.quantize(w, group_size=64, bits=8)
+    path = tmp_path / "q.safetensors"
+    save_file(
+        {f"{NAME}.weight": np.array(q), f"{NAME}.scales": np.array(scales), f"{NAME}.biases": np.array(biases)},
+        str(path),
+    )
+    ple = PerLayerEmbeddingTable.from_files([path], {"group_size": 64, "bits": 8})
+    ids = np.array([3, 1000, 17])
+    got = np.array(ple(mx.array(ids)))
+    expected = np.array(mx.dequantize(q, scales, biases, group_size=64, bits=8))[ids]
+    np.testing.assert_array_equal(got, expected)
+    # per group the 8-bit step is (max - min) / 255; MLX shifts its grid so that 0 is exact,
+    # so the bound is one step, not half (measured up to 0.86 step)
+    groups = table[ids].reshape(len(ids), -1, 64)
+    step = (groups.max(-1) - groups.min(-1)) / 255
+    err = np.abs(got - table[ids]).reshape(len(ids), -1, 64).max(-1)
+    assert (err <= step + 1e-6).all()
+
+
+def test_model_holds_no_ple_parameters(tiny_hf):
+    model = load_model(tiny_hf[0])
+    names = [k for k, _ in tree_flatten(model.parameters())]
+    assert not [k for k in names if "per_layer" in k and "embed" in k]
+    assert isinstance(model.language_model.ple_table, PerLayerEmbeddingTable)
+
+
+def test_converted_ple_is_its_own_quantized_file(tiny_hf, tmp_path):
+    out = convert(tiny_hf[0], tmp_path / "q", dtype="float32", quantize=True, q_bits=4, q_group_size=32)
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert {k for k, f in index.items() if f == "per_layer_embeddings.safetensors"} == {
+        f"{NAME}.weight",
+        f"{NAME}.scales",
+        f"{NAME}.biases",
+    }
+    ple = load_model(out).language_model.ple_table
+    assert ple.quantized and ple.bits == 8 and ple.weight.dtype == mx.uint32
+
+
+def test_towers_load_only_when_used(tiny_hf):
+    model = load_model(tiny_hf[0])
+    assert model.parts == ["embed_vision", "vision_tower", "embed_audio", "audio_tower"]
+    assert "vision_tower" not in model and "embed_audio" not in model
+    model.require("embed_audio")
+    assert "embed_audio" in model and "audio_tower" not in model
+    text_only = load_model(tiny_hf[0], lazy=False)
+    with pytest.raises(ValueError, match="text-only"):
+        text_only.require("vision_tower")
