@@ -6,22 +6,18 @@ import shutil
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Dict, Iterable, List
+from typing import Iterable
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx.utils import tree_flatten, tree_map
-from tqdm import tqdm
 
 from mlx_gemma3n.loading import load_model, resolve_model_path
-from mlx_gemma3n.mmap_tensors import write_streaming
+from mlx_gemma3n.saving import ple_specs, write_checkpoint
 from mlx_gemma3n.text.ple import NAME as PLE
-from mlx_gemma3n.text.ple import PerLayerEmbeddingTable, quantize_blocks
+from mlx_gemma3n.text.ple import quantize_blocks
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
-SHARD_BYTES = 2 << 30
-PLE_FILE = "per_layer_embeddings.safetensors"
 AUX_FILES = (
     "tokenizer.model",
     "tokenizer.json",
@@ -54,55 +50,6 @@ def _cast(module: nn.Module, dtype: mx.Dtype) -> None:
         tree_map(lambda a: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a,
                  module.parameters())
     )
-
-
-def _shards(weights: Dict[str, mx.array]) -> List[Dict[str, mx.array]]:
-    shards, current, size = [], {}, 0
-    for key in sorted(weights):
-        nbytes = weights[key].nbytes
-        if current and size + nbytes > SHARD_BYTES:
-            shards.append(current)
-            current, size = {}, 0
-        current[key] = weights[key]
-        size += nbytes
-    return shards + [current] if current else shards
-
-
-def _ple_specs(table: PerLayerEmbeddingTable, dtype: mx.Dtype, group_size: int, bits: int):
-    rows, dims = table.num_rows, table.dims
-    if not bits:
-        return {f"{PLE}.weight": (dtype, (rows, dims))}
-    return {
-        f"{PLE}.weight": (mx.uint32, (rows, dims * bits // 32)),
-        f"{PLE}.scales": (dtype, (rows, dims // group_size)),
-        f"{PLE}.biases": (dtype, (rows, dims // group_size)),
-    }
-
-
-def _write_weights(out: Path, weights: Dict[str, mx.array], ple: dict) -> None:
-    """Decoder and tower tensors in shards; the PLE table streamed into its own file so that
-    each token's row is one contiguous read and the table is never in memory whole."""
-    shards = _shards(weights)
-    ple_bytes = sum(int(np.prod(shape)) * dt.size for dt, shape in ple["specs"].values())
-    total = sum(w.nbytes for w in weights.values()) + ple_bytes
-    index = {"metadata": {"total_size": total}, "weight_map": {}}
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="writing")
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        mx.save_safetensors(str(out / name), shard, metadata={"format": "mlx"})
-        index["weight_map"].update({k: name for k in shard})
-        bar.update(sum(w.nbytes for w in shard.values()))
-    blocks = ple["blocks"]
-
-    def counted():
-        for block in blocks:
-            yield block
-            bar.update(sum(b.nbytes for b in block.values()))
-
-    write_streaming(out / PLE_FILE, ple["specs"], counted())
-    index["weight_map"].update({k: PLE_FILE for k in ple["specs"]})
-    bar.close()
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def _readme(source: str, options: dict, parts: Iterable[str]) -> str:
@@ -180,14 +127,12 @@ def convert(
     ple_bits = q_ple_bits if quantize and table.dims % q_group_size == 0 else 0
     if ple_bits:
         config.quantization[PLE] = {"group_size": q_group_size, "bits": ple_bits}
-    ple = {
-        "specs": _ple_specs(table, DTYPES[dtype], q_group_size, ple_bits),
-        "blocks": quantize_blocks(table, DTYPES[dtype], q_group_size, ple_bits),
-    }
+    specs = ple_specs(table.num_rows, table.dims, DTYPES[dtype], q_group_size, ple_bits)
+    blocks = quantize_blocks(table, DTYPES[dtype], q_group_size, ple_bits)
 
     tmp = _temp_dir_beside(out)
     try:
-        _write_weights(tmp, weights, ple)
+        write_checkpoint(tmp, weights, specs, blocks)
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
         for name in AUX_FILES:
             if (src / name).is_file():

@@ -5,6 +5,7 @@ from typing import Any, Callable, Dict, List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 from .config import ModelConfig
 from .multimodal import MultimodalEmbedder
@@ -89,6 +90,30 @@ class Gemma3n(nn.Module):
                 h = scatter_placeholders(h, input_ids == token_id, feats)
         return h, lm.per_layer_embeddings(input_ids)
 
+    # -- multimodal encoders ----------------------------------------------------------------
+
+    def encode_images(self, pixel_values: mx.array) -> mx.array:
+        """[N, 3, H, W] pixels -> [N * 256, D] soft-token embeddings in text space."""
+        self.require("embed_vision", "vision_tower")
+        features = self.vision_tower(pixel_values.astype(_float_dtype(self.vision_tower)))
+        features = features * self.config.vision_config.get("hidden_size", 2048) ** 0.5
+        return self.embed_vision.embed_soft(features).reshape(-1, self.config.text_config.hidden_size)
+
+    def encode_audio(self, features: mx.array, valid: mx.array) -> mx.array:
+        """Log-mel [N, T, 128] with its valid-frame mask [N, T] -> [N * 188, D] soft tokens,
+        padded with the last audio-vocabulary embedding as the reference model does."""
+        from .audio.prompt import pad_audio_features
+
+        self.require("embed_audio", "audio_tower")
+        encoded, padding = self.audio_tower(features.astype(_float_dtype(self.audio_tower)), ~valid)
+        embedder = self.embed_audio
+        embedded = embedder.embed_soft(encoded)
+        last_id = mx.array([embedder.vocab_offset + embedder.vocab_size - 1])
+        padded = pad_audio_features(
+            embedded, padding, embedder.embed_ids(last_id)[0], self.config.audio_soft_tokens_per_image
+        )
+        return padded.reshape(-1, self.config.text_config.hidden_size)
+
     # -- forward ----------------------------------------------------------------------------
 
     def logits(self, hidden: mx.array) -> mx.array:
@@ -140,6 +165,10 @@ def scatter_placeholders(h: mx.array, mask: mx.array, features: mx.array) -> mx.
     flat = h.reshape(-1, h.shape[-1])
     flat[mx.array(idx)] = features.astype(h.dtype)
     return flat.reshape(h.shape)
+
+
+def _float_dtype(module: nn.Module) -> mx.Dtype:
+    return next(v.dtype for _, v in tree_flatten(module.parameters()) if mx.issubdtype(v.dtype, mx.floating))
 
 
 def _owned_ids(input_ids: mx.array, name: str, config: ModelConfig) -> Optional[mx.array]:

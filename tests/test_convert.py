@@ -128,11 +128,11 @@ def test_unwritable_output_location(tiny_hf, tmp_path, capsys):
 
 
 def test_failure_midway_leaves_nothing(tiny_hf, tmp_path, monkeypatch):
-    def fail_after_first_shard(out, weights, ple):
+    def fail_after_first_shard(out, weights, specs, blocks):
         (out / "model-00001-of-00002.safetensors").write_bytes(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(convert_module, "_write_weights", fail_after_first_shard)
+    monkeypatch.setattr(convert_module, "write_checkpoint", fail_after_first_shard)
     with pytest.raises(KeyboardInterrupt):
         convert(tiny_hf[0], tmp_path / "out", dtype="float32")
     assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,293 @@
+"""The Python API for apps: load, generate, stream_generate, chat sessions, prompt caches."""
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional, Tuple
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+from .generation import generate_step
+from .loading import load_model, resolve_model_path
+from .model import Gemma3n
+from .processor import Processor, Prompt, PromptInputs, user_message
+
+
+def load(path_or_hub_id: str, text_only: bool = False) -> Tuple[Gemma3n, Processor]:
+    """Load a Gemma 3n checkpoint (local directory or Hub id, HF or MLX-converted).
+
+    Returns (model, processor). The audio and vision towers load on first use; with
+    `text_only=True` they never do."""
+    path = resolve_model_path(path_or_hub_id)
+    model = load_model(path, lazy=not text_only)
+    return model, Processor.from_pretrained(path, model.config)
+
+
+@dataclass
+class SamplingOptions:
+    """How the next token is chosen. temperature 0 is greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    repetition_context_size: int = 64
+    seed: Optional[int] = None
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first option out of range."""
+        checks = [
+            ("temperature", self.temperature >= 0, ">= 0"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("top_k", self.top_k >= 0, ">= 0 (0 disables it)"),
+            ("min_p", 0 <= self.min_p < 1, "in [0, 1)"),
+            ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
+            ("repetition_context_size", self.repetition_context_size > 0, "> 0"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)}")
+
+    def sampler(self):
+        return make_sampler(self.temperature, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k)
+
+    def logits_processors(self):
+        if self.repetition_penalty == 1.0:
+            return []
+        return make_logits_processors(
+            repetition_penalty=self.repetition_penalty,
+            repetition_context_size=self.repetition_context_size,
+        )
+
+
+@dataclass
+class GenerationResponse:
+    """One streamed step: the new text piece and token, with running statistics."""
+
+    text: str
+    token: int
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory_gb: float
+    finish_reason: Optional[str] = None  # "stop", "length" or "cancelled" on the last step
+
+
+@dataclass
+class PromptCache:
+    """The KV caches of a conversation and the token ids they stand for. `tokens` may run a
+    few ids ahead of what the caches hold; those are fed first on the next request."""
+
+    cache: List
+    tokens: List[int] = field(default_factory=list)
+
+    @classmethod
+    def new(cls, model: Gemma3n) -> "PromptCache":
+        return cls(model.make_cache())
+
+    @property
+    def processed(self) -> int:
+        return self.cache[0].offset
+
+    def save(self, file) -> None:
+        """Save to a .safetensors file (mlx-lm's prompt-cache format plus our token ids)."""
+        save_prompt_cache(str(file), self.cache, {"tokens": ",".join(map(str, self.tokens))})
+
+    @classmethod
+    def load(cls, file) -> "PromptCache":
+        if not Path(file).is_file():
+            raise FileNotFoundError(f"prompt cache file not found: {file}")
+        cache, meta = load_prompt_cache(str(file), return_metadata=True)
+        tokens = [int(t) for t in meta.get("tokens", "").split(",") if t]
+        return cls(cache, tokens)
+
+
+def _check_length(model: Gemma3n, n_tokens: int, max_tokens: int) -> None:
+    limit = model.config.text_config.max_position_embeddings
+    if n_tokens + max_tokens > limit:
+        raise ValueError(
+            f"prompt of {n_tokens} tokens plus max_tokens={max_tokens} exceeds the model's "
+            f"context of {limit} tokens"
+        )
+
+
+def _multimodal_features(model: Gemma3n, processor: Processor, inputs: PromptInputs):
+    image = audio = None
+    if inputs.images:
+        image = model.encode_images(mx.array(inputs.pixel_values()))
+    if inputs.audio:
+        features, valid = processor.audio_features(inputs.audio)
+        audio = model.encode_audio(mx.array(features), mx.array(valid))
+    return image, audio
+
+
+def stream_tokens(
+    model: Gemma3n,
+    processor: Processor,
+    inputs: PromptInputs,
+    prompt_cache: PromptCache,
+    *,
+    max_tokens: int = 256,
+    sampling: Optional[SamplingOptions] = None,
+    should_stop: Optional[Callable[[], bool]] = None,
+    prefill_step_size: int = 512,
+) -> Iterator[GenerationResponse]:
+    """Generate after `inputs`, whose ids continue `prompt_cache.tokens`. The lower-level
+    entry point shared by `stream_generate` and `ChatSession`."""
+    sampling = sampling or SamplingOptions()
+    sampling.validate()
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1 (got {max_tokens})")
+    all_tokens = prompt_cache.tokens + inputs.token_ids
+    _check_length(model, len(all_tokens), max_tokens)
+    if sampling.seed is not None:
+        mx.random.seed(sampling.seed)
+
+    tic = time.perf_counter()
+    image, audio = _multimodal_features(model, processor, inputs)
+    new = all_tokens[prompt_cache.processed :]
+    steps = generate_step(
+        model,
+        mx.array(new),
+        prompt_cache.cache,
+        image_features=image,
+        audio_features=audio,
+        sampler=sampling.sampler(),
+        logits_processors=sampling.logits_processors(),
+        max_tokens=max_tokens,
+        prefill_step_size=prefill_step_size,
+    )
+    prompt_cache.tokens = all_tokens
+    detok = processor.tokenizer.detokenizer()
+    eos = processor.tokenizer.eos_token_ids
+    prompt_tps = gen_start = 0.0
+    for n, (token, _) in enumerate(steps, 1):
+        if n == 1:
+            gen_start = time.perf_counter()
+            prompt_tps = len(new) / (gen_start - tic)
+        prompt_cache.tokens.append(token)
+        finish = "stop" if token in eos else "length" if n == max_tokens else None
+        if finish is None and should_stop is not None and should_stop():
+            finish = "cancelled"
+        elapsed = time.perf_counter() - gen_start
+        yield GenerationResponse(
+            text="" if token in eos else detok.add(token),
+            token=token,
+            prompt_tokens=len(new),
+            prompt_tps=prompt_tps,
+            generation_tokens=n,
+            generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
+            peak_memory_gb=mx.get_peak_memory() / 1e9,
+            finish_reason=finish,
+        )
+        if finish:
+            break
+
+
+def stream_generate(
+    model: Gemma3n,
+    processor: Processor,
+    prompt: Prompt,
+    *,
+    max_tokens: int = 256,
+    sampling: Optional[SamplingOptions] = None,
+    prompt_cache: Optional[PromptCache] = None,
+    should_stop: Optional[Callable[[], bool]] = None,
+    prefill_step_size: int = 512,
+) -> Iterator[GenerationResponse]:
+    """Stream the model's reply to `prompt` (a string or chat messages, see `processor`).
+
+    With a `prompt_cache` whose tokens begin the new prompt, only the rest is prefilled;
+    otherwise the cache is reset. `should_stop()` is checked between tokens (cancellation)."""
+    inputs = processor(prompt)
+    if prompt_cache is None:
+        prompt_cache = PromptCache.new(model)
+    elif inputs.token_ids[: len(prompt_cache.tokens)] == prompt_cache.tokens:
+        inputs.token_ids = inputs.token_ids[len(prompt_cache.tokens) :]
+        # Images/audio already in the cache were encoded with it; keep only the new ones.
+        _drop_cached_media(inputs, processor, len(prompt_cache.tokens))
+    else:
+        prompt_cache.cache[:] = model.make_cache()
+        prompt_cache.tokens = []
+    yield from stream_tokens(
+        model,
+        processor,
+        inputs,
+        prompt_cache,
+        max_tokens=max_tokens,
+        sampling=sampling,
+        should_stop=should_stop,
+        prefill_step_size=prefill_step_size,
+    )
+
+
+def _drop_cached_media(inputs: PromptInputs, processor: Processor, n_cached: int) -> None:
+    """Keep the images/audio whose placeholders lie in the uncached part of the prompt."""
+    cfg = processor.config
+    ids = np.array(inputs.token_ids)
+    for kind, token, per_item in (
+        ("images", cfg.image_token_id, cfg.vision_soft_tokens_per_image),
+        ("audio", cfg.audio_token_id, cfg.audio_soft_tokens_per_image),
+    ):
+        items = getattr(inputs, kind)
+        remaining = int((ids == token).sum()) // per_item
+        setattr(inputs, kind, items[len(items) - remaining :] if remaining else [])
+
+
+def generate(
+    model: Gemma3n,
+    processor: Processor,
+    prompt: Prompt,
+    *,
+    max_tokens: int = 256,
+    sampling: Optional[SamplingOptions] = None,
+    prompt_cache: Optional[PromptCache] = None,
+    verbose: bool = False,
+) -> str:
+    """The whole reply to `prompt` as a string (streams it to stdout with `verbose`)."""
+    pieces = []
+    for r in stream_generate(
+        model, processor, prompt, max_tokens=max_tokens, sampling=sampling, prompt_cache=prompt_cache
+    ):
+        pieces.append(r.text)
+        if verbose:
+            print(r.text, end="", flush=True)
+    if verbose:
+        print()
+    return "".join(pieces)
+
+
+class ChatSession:
+    """A multi-turn conversation that keeps its KV cache between turns: each turn prefills
+    only its own tokens. The generated ids (not a re-tokenization of the text) stay in the
+    history, so the cache always matches what the model saw."""
+
+    def __init__(
+        self,
+        model: Gemma3n,
+        processor: Processor,
+        system: Optional[str] = None,
+        prompt_cache: Optional[PromptCache] = None,
+    ):
+        self.model, self.processor = model, processor
+        self.system = system
+        self.prompt_cache = prompt_cache or PromptCache.new(model)
+
+    def send(self, text: str, images=(), audio=(), **kwargs) -> Iterator[GenerationResponse]:
+        """Stream the reply to one user turn; kwargs as for `stream_tokens`."""
+        message = user_message(text, images, audio)
+        first = not self.prompt_cache.tokens
+        messages = [message]
+        if first and self.system:
+            messages.insert(0, {"role": "system", "content": self.system})
+        inputs = self.processor(messages, add_bos=first)
+        if not first:
+            # Close the model's last turn ("<end_of_turn>" may already be its final token).
+            closing = "\n" if self.prompt_cache.tokens[-1] in self.processor.tokenizer.eos_token_ids else "<end_of_turn>\n"
+            inputs.token_ids = self.processor.tokenizer.encode(closing) + inputs.token_ids
+        yield from stream_tokens(self.model, self.processor, inputs, self.prompt_cache, **kwargs)
