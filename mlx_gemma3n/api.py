@@ -20,8 +20,13 @@ def load(path_or_hub_id: str, text_only: bool = False) -> Tuple[Gemma3n, Process
     """Load a Gemma 3n checkpoint (local directory or Hub id, HF or MLX-converted).
 
     Returns (model, processor). The audio and vision towers load on first use; with
-    `text_only=True` they never do."""
-    path = resolve_model_path(path_or_hub_id)
+    `text_only=True` they never do. "demo" is a tiny random-weight model built locally."""
+    if path_or_hub_id == "demo":
+        from .demo import demo_checkpoint
+
+        path = demo_checkpoint()
+    else:
+        path = resolve_model_path(path_or_hub_id)
     model = load_model(path, lazy=not text_only)
     return model, Processor.from_pretrained(path, model.config)
 

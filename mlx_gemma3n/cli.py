@@ -68,9 +68,6 @@ def _chat(session: ChatSession, options: dict) -> None:
 
 def run(args: argparse.Namespace) -> None:
     if args.model == "demo":
-        from .demo import demo_checkpoint
-
-        args.model = str(demo_checkpoint())
         print("[demo] random-weight tiny Gemma 3n: the output is meaningless text", file=sys.stderr)
     sampling = SamplingOptions(
         temperature=args.temp,
