@@ -18,15 +18,12 @@ model, processor = mlx_gemma3n.load(args.model)
 cache = PromptCache.load(args.resume) if args.resume and Path(args.resume).exists() else None
 chat = ChatSession(model, processor, system="You are a helpful assistant.", prompt_cache=cache)
 
-while True:
-    try:
-        text = input(">> ").strip()
-    except EOFError:
-        break
-    if not text:
-        break
-    for r in chat.send(text, max_tokens=512):
-        print(r.text, end="", flush=True)
-    print()
+try:
+    for text in iter(lambda: input(">> ").strip(), ""):
+        for r in chat.send(text, max_tokens=512):
+            print(r.text, end="", flush=True)
+        print()
+except EOFError:
+    pass
 if args.resume:
     chat.prompt_cache.save(args.resume)

@@ -199,66 +199,45 @@ def stream_generate(
     processor: Processor,
     prompt: Prompt,
     *,
-    max_tokens: int = 256,
-    sampling: Optional[SamplingOptions] = None,
     prompt_cache: Optional[PromptCache] = None,
-    should_stop: Optional[Callable[[], bool]] = None,
-    prefill_step_size: int = 512,
+    **options,
 ) -> Iterator[GenerationResponse]:
     """Stream the model's reply to `prompt` (a string or chat messages, see `processor`).
 
-    With a `prompt_cache` whose tokens begin the new prompt, only the rest is prefilled;
-    otherwise the cache is reset. `should_stop()` is checked between tokens (cancellation)."""
+    `options`: `max_tokens`, `sampling` (`SamplingOptions`), `should_stop` (checked between
+    tokens, for cancellation) and `prefill_step_size`, as for `stream_tokens`. With a
+    `prompt_cache` whose tokens begin the new prompt, only the rest is prefilled; otherwise the
+    cache is reset."""
     inputs = processor(prompt)
     if prompt_cache is None:
         prompt_cache = PromptCache.new(model)
     elif inputs.token_ids[: len(prompt_cache.tokens)] == prompt_cache.tokens:
         inputs.token_ids = inputs.token_ids[len(prompt_cache.tokens) :]
-        # Images/audio already in the cache were encoded with it; keep only the new ones.
-        _drop_cached_media(inputs, processor, len(prompt_cache.tokens))
+        _drop_cached_media(inputs, processor.config)
     else:
         prompt_cache.cache[:] = model.make_cache()
         prompt_cache.tokens = []
-    yield from stream_tokens(
-        model,
-        processor,
-        inputs,
-        prompt_cache,
-        max_tokens=max_tokens,
-        sampling=sampling,
-        should_stop=should_stop,
-        prefill_step_size=prefill_step_size,
-    )
+    yield from stream_tokens(model, processor, inputs, prompt_cache, **options)
 
 
-def _drop_cached_media(inputs: PromptInputs, processor: Processor, n_cached: int) -> None:
-    """Keep the images/audio whose placeholders lie in the uncached part of the prompt."""
-    cfg = processor.config
+def _drop_cached_media(inputs: PromptInputs, config) -> None:
+    """Images/audio whose placeholders are already in the cache were encoded into it: keep
+    only those of the uncached part (placeholders come in order, so they are the last ones)."""
     ids = np.array(inputs.token_ids)
     for kind, token, per_item in (
-        ("images", cfg.image_token_id, cfg.vision_soft_tokens_per_image),
-        ("audio", cfg.audio_token_id, cfg.audio_soft_tokens_per_image),
+        ("images", config.image_token_id, config.vision_soft_tokens_per_image),
+        ("audio", config.audio_token_id, config.audio_soft_tokens_per_image),
     ):
         items = getattr(inputs, kind)
         remaining = int((ids == token).sum()) // per_item
         setattr(inputs, kind, items[len(items) - remaining :] if remaining else [])
 
 
-def generate(
-    model: Gemma3n,
-    processor: Processor,
-    prompt: Prompt,
-    *,
-    max_tokens: int = 256,
-    sampling: Optional[SamplingOptions] = None,
-    prompt_cache: Optional[PromptCache] = None,
-    verbose: bool = False,
-) -> str:
-    """The whole reply to `prompt` as a string (streams it to stdout with `verbose`)."""
+def generate(model: Gemma3n, processor: Processor, prompt: Prompt, *, verbose: bool = False, **options) -> str:
+    """The whole reply to `prompt` as a string (also streamed to stdout with `verbose`);
+    options as for `stream_generate`."""
     pieces = []
-    for r in stream_generate(
-        model, processor, prompt, max_tokens=max_tokens, sampling=sampling, prompt_cache=prompt_cache
-    ):
+    for r in stream_generate(model, processor, prompt, **options):
         pieces.append(r.text)
         if verbose:
             print(r.text, end="", flush=True)

@@ -23,14 +23,23 @@ def tokens(responses):
     return [r.token for r in responses]
 
 
-def run_cli(*args, env=None):
+def run_cli(*args, env=None, stdin=None):
     return subprocess.run(
         [sys.executable, "-m", "mlx_gemma3n.generate", *args],
         capture_output=True,
         text=True,
         timeout=600,
         env=env,
+        input=stdin,
     )
+
+
+def test_interactive_chat_keeps_the_cache(tiny_hf):
+    r = run_cli("--model", str(tiny_hf[0]), "--chat", "--max-tokens", "5", stdin="hello\nand more\n\n")
+    assert r.returncode == 0, r.stderr
+    prompts = [int(line.split("Prompt: ")[1].split()[0]) for line in r.stderr.splitlines() if "Prompt:" in line]
+    # the second turn prefills only its own ~10 tokens, not the whole conversation
+    assert len(prompts) == 2 and prompts[1] < prompts[0] + 5
 
 
 def test_demo_model_runs_text_image_and_audio(tmp_path):

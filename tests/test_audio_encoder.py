@@ -24,7 +24,6 @@ from mlx_gemma3n.audio import (
     AudioConfig,
     AudioEncoder,
     AudioFeatureExtractor,
-    expand_audio_token_ids,
     pad_audio_features,
 )
 from mlx_gemma3n.tiny import TINY_CONFIG
@@ -156,7 +155,8 @@ def test_end_to_end_audio_embeddings_in_the_prompt(tiny_hf):
     ours = load_audio_tower(path)
     features, mask = features_for(2.0, 0.5, seed=4)
     prompt = [2, 9, cfg.audio_token_id, 10]
-    ids = expand_audio_token_ids(prompt, cfg.audio_token_id, cfg.boa_token_id, cfg.eoa_token_id, [7, 7])
+    soft = [7, 7, cfg.boa_token_id] + [cfg.audio_token_id] * 188 + [cfg.eoa_token_id, 7, 7]
+    ids = prompt[:2] + soft + prompt[3:]
     captured = {}
     hook = hf_model.model.language_model.register_forward_pre_hook(
         lambda _, args, kwargs: captured.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True

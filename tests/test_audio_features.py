@@ -61,9 +61,11 @@ def test_batch_padding_and_mask_match_reference(speech):
 def test_long_clip_is_truncated_to_30_seconds():
     rng = np.random.default_rng(2)
     clips = [rng.standard_normal(n).astype(np.float32) for n in (31 * SR, SR)]
-    features, mask = AudioFeatureExtractor()(clips)
+    features, mask = AudioFeatureExtractor()(clips, truncate=True)
     assert features.shape[1] == AudioFeatureExtractor().num_frames(30 * SR) == 2997
     assert_matches((features, mask), reference(clips))
+    with pytest.raises(ValueError, match="31.0 s exceeds the 30 s maximum; split it"):
+        AudioFeatureExtractor()(clips)
 
 
 def test_clip_shorter_than_a_frame_gives_no_frames():

@@ -18,7 +18,6 @@ from mlx_gemma3n.audio import (
     AudioFeatureExtractor,
     audio_placeholder_text,
     expand_audio_placeholders,
-    expand_audio_token_ids,
     num_audio_soft_tokens,
     split_audio,
 )
@@ -31,7 +30,7 @@ SR = 16_000
 @pytest.mark.parametrize("seconds", [0.05, 1.0, 2.51, 7.77, 29.99, 30.0, 41.0])
 def test_num_audio_soft_tokens_matches_encoder_mask(seconds):
     n = int(seconds * SR)
-    features, mask = AudioFeatureExtractor()(np.zeros(n, np.float32))
+    features, mask = AudioFeatureExtractor()(np.zeros(n, np.float32), truncate=True)
     encoder = Gemma3nAudioEncoder(Gemma3nAudioConfig(**TINY_CONFIG["audio_config"])).eval()
     with torch.no_grad():
         out = encoder(torch.from_numpy(features), torch.from_numpy(~mask))
@@ -70,14 +69,6 @@ def test_placeholder_expansion_matches_processor(processor):
 
     assert processor.full_audio_sequence == audio_placeholder_text()
     assert tokenizer.encode(expand_audio_placeholders(prompt)) == ref
-    ids = expand_audio_token_ids(
-        tokenizer.encode(prompt),
-        tokenizer.audio_token_id,
-        tokenizer.convert_tokens_to_ids("<start_of_audio>"),
-        tokenizer.convert_tokens_to_ids("<end_of_audio>"),
-        tokenizer.encode("\n\n", add_special_tokens=False),
-    )
-    assert ids == ref
 
 
 def test_split_audio_cuts_in_the_pauses_near_each_limit():

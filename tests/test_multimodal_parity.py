@@ -65,6 +65,12 @@ def test_two_images_and_audio(tiny_hf, loaded):
     assert rel_err(ours, ref) < TOL
 
 
+def test_one_image(tiny_hf, loaded):
+    message = user_message("What is in the picture?", [str(ASSETS / "cat.png")])
+    _, ours, ref = ours_and_reference(tiny_hf, loaded, [{"role": "system", "content": "Be brief."}, message])
+    assert rel_err(ours, ref) < TOL
+
+
 def test_two_audio_clips_of_different_lengths(tiny_hf, loaded):
     message = user_message("Transcribe both.", audio=[(tone(1.0, 300), 16000), (tone(2.5, 700, 8000), 8000)])
     _, ours, ref = ours_and_reference(tiny_hf, loaded, [message])

@@ -97,12 +97,17 @@ class AudioFeatureExtractor:
         padded = min(_round_up(num_samples, self.pad_to_multiple_of), self.max_length)
         return max(0, (padded - self.frame_length - 1) // self.hop_length + 1)
 
-    def __call__(self, audio: Union[np.ndarray, Sequence[np.ndarray]]) -> Tuple[np.ndarray, np.ndarray]:
+    def __call__(
+        self, audio: Union[np.ndarray, Sequence[np.ndarray]], truncate: bool = False
+    ) -> Tuple[np.ndarray, np.ndarray]:
         """Extract features for one clip or a batch of clips.
 
         Args:
             audio: a 1-D float waveform at `sampling_rate` (16 kHz mono, see `load_audio`),
                 or a list of them (a 2-D array is taken as a batch of equal-length clips).
+            truncate: cut clips longer than `max_length` samples (30 s) as transformers does;
+                by default such a clip is an error, since the model would never hear the rest
+                (split long audio with `split_audio`).
 
         Returns:
             (features [B, T, feature_size] float32, mask [B, T] bool, True where the frame
@@ -111,9 +116,17 @@ class AudioFeatureExtractor:
         clips = [audio] if isinstance(audio, np.ndarray) and audio.ndim == 1 else list(audio)
         if not clips:
             raise ValueError("no audio clips given")
-        clips = [np.asarray(c, dtype=np.float32)[: self.max_length] for c in clips]
+        clips = [np.asarray(c, dtype=np.float32) for c in clips]
         if any(c.ndim != 1 for c in clips):
             raise ValueError(f"expected 1-D mono waveforms, got shapes {[c.shape for c in clips]}")
+        longest = max(len(c) for c in clips)
+        if longest > self.max_length and not truncate:
+            raise ValueError(
+                f"audio clip of {longest / self.sampling_rate:.1f} s exceeds the "
+                f"{self.max_length / self.sampling_rate:.0f} s maximum; split it with split_audio "
+                "(the processor does) or pass truncate=True"
+            )
+        clips = [c[: self.max_length] for c in clips]
         length = _round_up(max(len(c) for c in clips), self.pad_to_multiple_of)
         batch = np.full((len(clips), length), self.padding_value, dtype=np.float32)
         for row, clip in zip(batch, clips):

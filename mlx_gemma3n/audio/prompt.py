@@ -5,7 +5,7 @@ Like transformers' `Gemma3nProcessor`, every clip takes a fixed `AUDIO_SEQ_LENGT
 audio vocabulary entry, as `Gemma3nModel.forward` does.
 """
 
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import mlx.core as mx
 import numpy as np
@@ -47,28 +47,6 @@ def expand_audio_placeholders(text: str, num_tokens: int = AUDIO_SEQ_LENGTH) -> 
     """Expand every `<audio_soft_token>` of a prompt, one per clip in order; tokenizing the
     result gives the processor's `input_ids`."""
     return text.replace(AUDIO_TOKEN, audio_placeholder_text(num_tokens))
-
-
-def expand_audio_token_ids(
-    ids: Sequence[int],
-    audio_token_id: int,
-    boa_token_id: int,
-    eoa_token_id: int,
-    newline_ids: Sequence[int],
-    num_tokens: int = AUDIO_SEQ_LENGTH,
-) -> List[int]:
-    """Expand each `audio_token_id` of an already tokenized prompt.
-
-    `newline_ids` is the tokenization of "\\n\\n" (one token, 108, in Gemma's vocabulary).
-    Matches tokenizing `expand_audio_placeholders(text)` whenever that "\\n\\n" does not merge
-    with the neighbouring text, e.g. when the placeholder is preceded by a space or a special
-    token; otherwise expand the text instead.
-    """
-    expansion = [*newline_ids, boa_token_id, *[audio_token_id] * num_tokens, eoa_token_id, *newline_ids]
-    out: List[int] = []
-    for i in ids:
-        out.extend(expansion if i == audio_token_id else (i,))
-    return out
 
 
 def pad_audio_features(

@@ -5,9 +5,7 @@ from .encoder import VisionTower
 from .processor import ImageError, ImageProcessor, load_image
 from .prompt import (
     expand_image_placeholders,
-    expand_image_token_ids,
     full_image_sequence,
-    image_token_ids,
 )
 
 __all__ = [
@@ -17,7 +15,5 @@ __all__ = [
     "ImageProcessor",
     "load_image",
     "expand_image_placeholders",
-    "expand_image_token_ids",
     "full_image_sequence",
-    "image_token_ids",
 ]

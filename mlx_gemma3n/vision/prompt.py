@@ -3,15 +3,13 @@
 Each image placeholder in the prompt (Gemma 3n's chat template emits `<image_soft_token>` for an
 image) becomes ``"\\n\\n" + <start_of_image> + <image_soft_token> * 256 + <end_of_image> + "\\n\\n"``.
 
-Prefer `expand_image_placeholders` on the prompt *string* and tokenize afterwards: that is exactly what
-the transformers processor does, and it lets SentencePiece merge the "\\n\\n" with neighbouring
-whitespace (e.g. "\\n" + "\\n\\n" -> "\\n\\n\\n" is one Gemma token). `expand_image_token_ids` works on
-already-tokenized ids and cannot reproduce such merges.
+Expansion works on the prompt *string*, tokenized afterwards: that is exactly what the
+transformers processor does, and it lets SentencePiece merge the "\\n\\n" with neighbouring
+whitespace (e.g. "\\n" + "\\n\\n" -> "\\n\\n\\n" is one Gemma token).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
 
 IMAGE_TOKEN = "<image_soft_token>"
 BOI_TOKEN = "<start_of_image>"
@@ -47,32 +45,3 @@ def expand_image_placeholders(
             f"prompt has {count} {placeholder} placeholders but {num_images} images were given"
         )
     return text.replace(placeholder, full_image_sequence(image_token, boi_token, eoi_token, num_tokens))
-
-
-def image_token_ids(
-    boi_id: int,
-    image_id: int,
-    eoi_id: int,
-    newline_ids: Sequence[int],
-    num_tokens: int = IMAGE_SEQ_LENGTH,
-) -> list[int]:
-    """Token ids of one expanded image; `newline_ids` is the tokenization of "\\n\\n" (Gemma: [108])."""
-    nl = list(newline_ids)
-    return [*nl, boi_id, *([image_id] * num_tokens), eoi_id, *nl]
-
-
-def expand_image_token_ids(
-    ids: Sequence[int],
-    placeholder_id: int,
-    boi_id: int,
-    image_id: int,
-    eoi_id: int,
-    newline_ids: Sequence[int],
-    num_tokens: int = IMAGE_SEQ_LENGTH,
-) -> list[int]:
-    """Replace each `placeholder_id` in an already-tokenized prompt with `image_token_ids(...)`."""
-    block = image_token_ids(boi_id, image_id, eoi_id, newline_ids, num_tokens)
-    out: list[int] = []
-    for t in ids:
-        out.extend(block if t == placeholder_id else (t,))
-    return out
