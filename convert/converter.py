@@ -83,6 +83,35 @@ def _temp_dir_beside(out: Path) -> Path:
         raise ConversionError(f"cannot write to {parent}: {e.strerror or e}") from None
 
 
+def _load(src: Path, drop: set):
+    model = load_model(src)
+    parts = [p for p in model.parts if p.removeprefix("embed_").removesuffix("_tower") not in drop]
+    print(f"loading {src}: language_model {' '.join(parts)}")
+    model.require(*parts)
+    model.set_part_loader(None)
+    for tower in drop:
+        setattr(model.config, f"{tower}_config", None)
+    return model, parts
+
+
+def _quantize(model, group_size: int, bits: int) -> None:
+    nn.quantize(
+        model.language_model, group_size=group_size, bits=bits, class_predicate=_should_quantize(group_size)
+    )
+    model.config.quantization = {"group_size": group_size, "bits": bits}
+
+
+def _ple_output(model, dtype: mx.Dtype, group_size: int, bits: int):
+    """(specs, row blocks) of the stored PLE table; `bits` 0 keeps it in `dtype`."""
+    table = model.language_model.ple_table
+    if bits and table.dims % group_size:
+        bits = 0  # rows that do not split into groups stay unquantized
+    if bits:
+        model.config.quantization[PLE] = {"group_size": group_size, "bits": bits}
+    specs = ple_specs(table.num_rows, table.dims, dtype, group_size, bits)
+    return specs, quantize_blocks(table, dtype, group_size, bits), bits
+
+
 def convert(
     hf_path: str,
     mlx_path: str,
@@ -100,46 +129,25 @@ def convert(
     if dtype not in DTYPES:
         raise ConversionError(f"unsupported dtype {dtype!r}; choose from {sorted(DTYPES)}")
     out = Path(mlx_path).expanduser()
-    tmp = _temp_dir_beside(out)  # fail on a bad output location before the long work
-    tmp.rmdir()
+    _temp_dir_beside(out).rmdir()  # fail on a bad output location before the long work
     src = resolve_model_path(hf_path)
-    model = load_model(src)
     drop = set(drop)
-    parts = [p for p in model.parts if p.removeprefix("embed_").removesuffix("_tower") not in drop]
-    print(f"loading {src}: language_model {' '.join(parts)}")
-    model.require(*parts)
-    model.set_part_loader(None)
-
+    model, parts = _load(src, drop)
     _cast(model, DTYPES[dtype])
-    config = model.config
-    for tower in drop:
-        setattr(config, f"{tower}_config", None)
     if quantize:
-        nn.quantize(
-            model.language_model,
-            group_size=q_group_size,
-            bits=q_bits,
-            class_predicate=_should_quantize(q_group_size),
-        )
-        config.quantization = {"group_size": q_group_size, "bits": q_bits}
-    weights = dict(tree_flatten(model.parameters()))
-    table = model.language_model.ple_table
-    ple_bits = q_ple_bits if quantize and table.dims % q_group_size == 0 else 0
-    if ple_bits:
-        config.quantization[PLE] = {"group_size": q_group_size, "bits": ple_bits}
-    specs = ple_specs(table.num_rows, table.dims, DTYPES[dtype], q_group_size, ple_bits)
-    blocks = quantize_blocks(table, DTYPES[dtype], q_group_size, ple_bits)
+        _quantize(model, q_group_size, q_bits)
+    specs, blocks, ple_bits = _ple_output(model, DTYPES[dtype], q_group_size, q_ple_bits if quantize else 0)
+    options = {"dtype": dtype, "quantize": quantize, "drop": sorted(drop)}
+    if quantize:
+        options.update(q_bits=q_bits, q_group_size=q_group_size, q_ple_bits=ple_bits)
 
     tmp = _temp_dir_beside(out)
     try:
-        write_checkpoint(tmp, weights, specs, blocks)
-        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        write_checkpoint(tmp, dict(tree_flatten(model.parameters())), specs, blocks)
+        (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
         for name in AUX_FILES:
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
-        options = {"dtype": dtype, "quantize": quantize, "drop": sorted(drop)}
-        if quantize:
-            options.update(q_bits=q_bits, q_group_size=q_group_size, q_ple_bits=ple_bits)
         (tmp / "README.md").write_text(_readme(str(hf_path), options, parts))
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
         tmp.rename(out)
