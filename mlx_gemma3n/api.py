@@ -7,11 +7,11 @@ from typing import Callable, Iterator, List, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .generation import generate_step
 from .loading import load_model, resolve_model_path
+from .mlx_lm_parts import cache as mlx_lm_cache
+from .mlx_lm_parts import sample_utils
 from .model import Gemma3n
 from .processor import Processor, Prompt, PromptInputs, user_message
 
@@ -58,12 +58,12 @@ class SamplingOptions:
                 raise ValueError(f"{name} must be {rule}, got {getattr(self, name)}")
 
     def sampler(self):
-        return make_sampler(self.temperature, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k)
+        return sample_utils.make_sampler(self.temperature, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k)
 
     def logits_processors(self):
         if self.repetition_penalty == 1.0:
             return []
-        return make_logits_processors(
+        return sample_utils.make_logits_processors(
             repetition_penalty=self.repetition_penalty,
             repetition_context_size=self.repetition_context_size,
         )
@@ -101,13 +101,13 @@ class PromptCache:
 
     def save(self, file) -> None:
         """Save to a .safetensors file (mlx-lm's prompt-cache format plus our token ids)."""
-        save_prompt_cache(str(file), self.cache, {"tokens": ",".join(map(str, self.tokens))})
+        mlx_lm_cache.save_prompt_cache(str(file), self.cache, {"tokens": ",".join(map(str, self.tokens))})
 
     @classmethod
     def load(cls, file) -> "PromptCache":
         if not Path(file).is_file():
             raise FileNotFoundError(f"prompt cache file not found: {file}")
-        cache, meta = load_prompt_cache(str(file), return_metadata=True)
+        cache, meta = mlx_lm_cache.load_prompt_cache(str(file), return_metadata=True)
         tokens = [int(t) for t in meta.get("tokens", "").split(",") if t]
         return cls(cache, tokens)
 

@@ -4,9 +4,9 @@ from typing import Any, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import create_attention_mask
-from mlx_lm.models.cache import KVCache, RotatingKVCache
 
+from ..mlx_lm_parts import base as mlx_lm_base
+from ..mlx_lm_parts import cache as mlx_lm_cache
 from .config import SLIDING, TextConfig
 from .decoder import DecoderLayer
 from .norm import RMSNorm
@@ -85,17 +85,19 @@ class TextModel(nn.Module):
         """One cache per layer that computes K/V; KV-shared layers read their source's cache."""
         c = self.config
         return [
-            RotatingKVCache(max_size=c.sliding_window) if t == SLIDING else KVCache()
+            mlx_lm_cache.RotatingKVCache(max_size=c.sliding_window)
+            if t == SLIDING
+            else mlx_lm_cache.KVCache()
             for t in c.layer_types[: c.first_kv_shared_layer]
         ]
 
-    def _masks(self, h: mx.array, cache: List[Any]):
+    def _masks(self, h: mx.array, caches: List[Any]):
         c = self.config
         masks = {}
         for kind in set(c.layer_types):
             src = max(i for i in range(c.first_kv_shared_layer) if c.layer_types[i] == kind)
             window = c.sliding_window if kind == SLIDING else None
-            masks[kind] = create_attention_mask(h, cache[src], window_size=window)
+            masks[kind] = mlx_lm_base.create_attention_mask(h, caches[src], window_size=window)
         return masks
 
     # -- forward ----------------------------------------------------------------------------
