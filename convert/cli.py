@@ -6,6 +6,7 @@ import sys
 from mlx_gemma3n.loading import CheckpointError
 
 from .converter import DTYPES, ConversionError, convert
+from .matformer import SliceError, parse_ints
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -28,6 +29,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--drop-audio", action="store_true", help="leave out the audio tower")
     p.add_argument("--drop-vision", action="store_true", help="leave out the vision tower")
+    p.add_argument(
+        "--ffn-dims",
+        type=parse_ints,
+        default=[],
+        help="MatFormer slice: FFN size per layer, comma-separated (one value: every layer)",
+    )
+    p.add_argument(
+        "--skip-layers", type=parse_ints, default=[], help="MatFormer slice: layer indices to drop"
+    )
     return p.parse_args(argv)
 
 
@@ -43,8 +53,10 @@ def main(argv=None) -> None:
             q_group_size=args.q_group_size,
             q_ple_bits=args.q_ple_bits,
             drop=[t for t in ("audio", "vision") if getattr(args, f"drop_{t}")],
+            ffn_dims=args.ffn_dims,
+            skip_layers=args.skip_layers,
         )
-    except (CheckpointError, ConversionError, FileNotFoundError) as e:
+    except (CheckpointError, ConversionError, SliceError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     print(f"wrote {out}", file=sys.stderr)

@@ -6,7 +6,7 @@ import shutil
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -16,6 +16,8 @@ from mlx_gemma3n.loading import load_model, resolve_model_path
 from mlx_gemma3n.saving import ple_specs, write_checkpoint
 from mlx_gemma3n.text.ple import NAME as PLE
 from mlx_gemma3n.text.ple import quantize_blocks
+
+from .matformer import slice_model
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 AUX_FILES = (
@@ -121,9 +123,12 @@ def convert(
     q_group_size: int = 64,
     q_ple_bits: int = 8,
     drop: Iterable[str] = (),
+    ffn_dims: Sequence[int] = (),
+    skip_layers: Sequence[int] = (),
 ) -> Path:
     """Convert `hf_path` (directory or Hub id) into a new MLX checkpoint at `mlx_path`.
 
+    `ffn_dims` / `skip_layers` cut a MatFormer Mix-n-Match slice (see `matformer.py`).
     Everything is written to a temporary directory beside `mlx_path` and renamed at the end:
     a failed or interrupted conversion leaves nothing at `mlx_path`."""
     if dtype not in DTYPES:
@@ -133,11 +138,15 @@ def convert(
     src = resolve_model_path(hf_path)
     drop = set(drop)
     model, parts = _load(src, drop)
+    if ffn_dims or skip_layers:
+        model = slice_model(model, ffn_dims, skip_layers)
     _cast(model, DTYPES[dtype])
     if quantize:
         _quantize(model, q_group_size, q_bits)
     specs, blocks, ple_bits = _ple_output(model, DTYPES[dtype], q_group_size, q_ple_bits if quantize else 0)
     options = {"dtype": dtype, "quantize": quantize, "drop": sorted(drop)}
+    if ffn_dims or skip_layers:
+        options.update(ffn_dims=list(ffn_dims), skip_layers=list(skip_layers))
     if quantize:
         options.update(q_bits=q_bits, q_group_size=q_group_size, q_ple_bits=ple_bits)
 

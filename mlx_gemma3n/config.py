@@ -1,7 +1,7 @@
 """Top-level Gemma 3n configuration built from an HF `config.json`, and E2B/E4B presets."""
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from .text.config import TextConfig
@@ -41,9 +41,10 @@ class ModelConfig:
         return cls(text_config=TextConfig.from_dict(d["text_config"]), raw=copy.deepcopy(d), **kwargs)
 
     def to_dict(self) -> dict:
-        """The HF-style dict this config was read from, with MLX additions (quantization,
-        dropped towers) kept in sync."""
+        """The HF-style dict this config was read from, with changes (text decoder shape,
+        quantization, dropped towers) written back."""
         d = copy.deepcopy(self.raw)
+        d["text_config"].update(asdict(self.text_config))
         for key in ("vision_config", "audio_config", "quantization"):
             if getattr(self, key) is None:
                 d.pop(key, None)

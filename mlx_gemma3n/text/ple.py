@@ -5,6 +5,7 @@ needs the rows of the tokens it processes, so it is never loaded: rows are read 
 checkpoint file on demand (one contiguous read per token per tensor) and dequantized.
 """
 
+import copy
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, Optional
 
@@ -30,6 +31,16 @@ class PerLayerEmbeddingTable:
         self.group_size, self.bits = group_size, bits
         self.num_rows = weight.shape[0]
         self.dims = weight.shape[1] * 32 // bits if scales is not None else weight.shape[1]
+        self.columns: Optional[np.ndarray] = None
+
+    def select_layers(self, layers: Iterable[int], per_layer_dims: int) -> "PerLayerEmbeddingTable":
+        """A view holding only the columns of `layers` (for MatFormer layer skipping)."""
+        view = copy.copy(self)
+        view.columns = np.concatenate([np.arange(i * per_layer_dims, (i + 1) * per_layer_dims) for i in layers])
+        if self.columns is not None:
+            view.columns = self.columns[view.columns]
+        view.dims = len(view.columns)
+        return view
 
     @property
     def quantized(self) -> bool:
@@ -53,11 +64,11 @@ class PerLayerEmbeddingTable:
 
     def rows(self, ids: np.ndarray) -> mx.array:
         w = self.weight.rows(ids)
-        if not self.quantized:
-            return w
-        return mx.dequantize(
-            w, self.scales.rows(ids), self.biases.rows(ids), group_size=self.group_size, bits=self.bits
-        )
+        if self.quantized:
+            w = mx.dequantize(
+                w, self.scales.rows(ids), self.biases.rows(ids), group_size=self.group_size, bits=self.bits
+            )
+        return w if self.columns is None else w[..., mx.array(self.columns)]
 
     def blocks(self, rows_per_block: int = 8192) -> Iterator[mx.array]:
         """The whole table, dequantized, a block of rows at a time (for conversion)."""
