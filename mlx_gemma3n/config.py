@@ -7,6 +7,11 @@ from typing import Optional
 from .text.config import TextConfig
 
 SUPPORTED_MODEL_TYPES = ("gemma3n",)
+# transformers' defaults for the fields the text side reads from the tower blocks
+TOWER_DEFAULTS = {
+    "vision_config": {"hidden_size": 2048, "vocab_size": 128, "vocab_offset": 262_144, "rms_norm_eps": 1e-6},
+    "audio_config": {"hidden_size": 1536, "vocab_size": 128, "vocab_offset": 262_272, "rms_norm_eps": 1e-6},
+}
 
 
 @dataclass
@@ -38,6 +43,9 @@ class ModelConfig:
         if "text_config" not in d:
             raise ValueError("config.json has no text_config block")
         kwargs = {k: d[k] for k in cls.__dataclass_fields__ if k in d and k != "text_config"}
+        for key, defaults in TOWER_DEFAULTS.items():
+            if kwargs.get(key) is not None:
+                kwargs[key] = {**defaults, **kwargs[key]}
         return cls(text_config=TextConfig.from_dict(d["text_config"]), raw=copy.deepcopy(d), **kwargs)
 
     def to_dict(self) -> dict:

@@ -96,7 +96,7 @@ class Gemma3n(nn.Module):
         """[N, 3, H, W] pixels -> [N * 256, D] soft-token embeddings in text space."""
         self.require("embed_vision", "vision_tower")
         features = self.vision_tower(pixel_values.astype(_float_dtype(self.vision_tower)))
-        features = features * self.config.vision_config.get("hidden_size", 2048) ** 0.5
+        features = features * self.config.vision_config["hidden_size"] ** 0.5
         return self.embed_vision.embed_soft(features).reshape(-1, self.config.text_config.hidden_size)
 
     def encode_audio(self, features: mx.array, valid: mx.array) -> mx.array:
@@ -172,20 +172,20 @@ def _float_dtype(module: nn.Module) -> mx.Dtype:
 
 
 def _owned_ids(input_ids: mx.array, name: str, config: ModelConfig) -> Optional[mx.array]:
-    block = getattr(config, f"{name}_config") or {}
-    offset = block.get("vocab_offset")
-    if offset is None:
+    block = getattr(config, f"{name}_config")
+    if block is None:
         return None
-    return (input_ids >= offset) & (input_ids < offset + block.get("vocab_size", 128))
+    offset = block["vocab_offset"]
+    return (input_ids >= offset) & (input_ids < offset + block["vocab_size"])
 
 
 def _embedder(block: dict, text_dims: int) -> MultimodalEmbedder:
     return MultimodalEmbedder(
-        dims=block.get("hidden_size", 2048),
+        dims=block["hidden_size"],
         text_dims=text_dims,
-        vocab_size=block.get("vocab_size", 128),
+        vocab_size=block["vocab_size"],
         vocab_offset=block["vocab_offset"],
-        eps=block.get("rms_norm_eps", 1e-6),
+        eps=block["rms_norm_eps"],
     )
 
 
