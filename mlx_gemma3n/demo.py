@@ -17,7 +17,7 @@ from .model import Gemma3n
 from .saving import ple_specs, write_checkpoint
 from .tiny import TINY_CONFIG, write_tiny_tokenizer
 
-DEMO_VERSION = "1"
+DEMO_VERSION = "2"
 
 
 def cache_dir() -> Path:

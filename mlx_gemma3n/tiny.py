@@ -68,7 +68,7 @@ TINY_CONFIG = {
         "laurel_rank": 8,
         "altup_num_inputs": 4,
         "activation_sparsity_pattern": [0.95, 0.95, 0.0, 0.0, 0.0, 0.0, 0.0],
-        "max_position_embeddings": 512,
+        "max_position_embeddings": 2048,
         "rope_parameters": {
             "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},

@@ -43,12 +43,13 @@ def test_interactive_chat_keeps_the_cache(tiny_hf):
 
 
 def test_demo_model_runs_text_image_and_audio(tmp_path):
+    """README's first command, as written."""
     env = dict(os.environ, MLX_GEMMA3N_CACHE=str(tmp_path))
-    args = ["--model", "demo", "--prompt", "Describe and transcribe.", "--max-tokens", "8"]
+    args = ["--model", "demo", "--prompt", "Describe the picture and transcribe the audio."]
     r = run_cli(*args, "--image", str(ASSETS / "cat.png"), "--audio", str(ASSETS / "speech.flac"), env=env)
     assert r.returncode == 0, r.stderr
     assert "random-weight" in r.stderr and r.stdout.strip()
-    assert (tmp_path / "demo-v1" / "per_layer_embeddings.safetensors").is_file()
+    assert (tmp_path / "demo-v2" / "per_layer_embeddings.safetensors").is_file()
 
 
 def test_cli_end_to_end_with_image_and_audio(tiny_hf):
@@ -140,7 +141,7 @@ def test_chat_turns_reuse_the_cache(loaded):
         (["--model", "/nonexistent/model"], "model path not found"),
         (["--top-p", "1.5"], "top_p must be in (0, 1]"),
         (["--temp", "-1"], "temperature must be >= 0"),
-        (["--max-tokens", "600"], "exceeds the model's context of 512 tokens"),
+        (["--max-tokens", "2100"], "exceeds the model's context of 2048 tokens"),
         (["--image", str(Path(__file__))], "test_api_cli.py"),
         (["--audio", str(Path(__file__))], "test_api_cli.py"),
         (["--audio", "/nonexistent.wav"], "/nonexistent.wav"),
@@ -158,7 +159,7 @@ def test_user_errors_exit_nonzero_without_traceback(tiny_hf, capsys, args, messa
 def test_prompt_longer_than_context(loaded):
     model, processor = loaded
     with pytest.raises(ValueError, match="exceeds the model's context"):
-        list(mlx_gemma3n.stream_generate(model, processor, "the cat " * 300, max_tokens=1))
+        list(mlx_gemma3n.stream_generate(model, processor, "the cat " * 1100, max_tokens=1))
 
 
 def test_subprocess_user_error_has_no_traceback():
