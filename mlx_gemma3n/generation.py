@@ -50,9 +50,10 @@ def generate_step(
     """Yield (token id, log-probabilities) for up to `max_tokens` new tokens after `prompt`
     (1-D ids). `cache` (from `model.make_cache()`) may already hold earlier turns.
 
-    The next token is computed while the caller handles the current one, so when the caller
-    stops early the cache may already hold the last yielded token: `cache[0].offset` says how
-    many tokens it holds."""
+    Each token is materialised before the next step is queued (the per-layer embeddings are
+    read from the host by token id anyway), so it is yielded as soon as it exists while the
+    next step computes. When the caller stops early the cache may therefore already hold the
+    last yielded token: `cache[0].offset` says how many tokens it holds."""
     sampler = sampler or greedy
     cache = cache if cache is not None else model.make_cache()
     history = prompt
@@ -65,12 +66,12 @@ def generate_step(
 
     embeds, per_layer = model.embed_inputs(prompt[None], image_features, audio_features)
     token, logprobs = choose(prefill(model, embeds, per_layer, cache, prefill_step_size))
-    mx.async_eval(token, logprobs)
     for n in range(max_tokens):
+        row = logprobs[0]
+        mx.eval(token, row)  # before the next step is queued behind them
+        token_id = token.item()
         if n + 1 < max_tokens:
             history = mx.concatenate([history, token])
-            next_token, next_logprobs = choose(model(token[None], cache=cache)[:, -1, :])
-            mx.async_eval(next_token, next_logprobs)
-        yield token.item(), logprobs[0]
-        if n + 1 < max_tokens:
-            token, logprobs = next_token, next_logprobs
+            token, logprobs = choose(model(token[None], cache=cache)[:, -1, :])
+            mx.async_eval(token, logprobs)
+        yield token_id, row

@@ -1,0 +1,263 @@
+"""One memory/latency measurement in a fresh process (run by bench/memory.py).
+
+    python bench/worker.py --impl ours|mlx-vlm --model DIR --mode text|vision|audio \
+        --prompt 512 --gen 128 --out result.json
+
+Times: load (until the loader returns), ready (load + every loaded weight evaluated), time to
+first token (from the request: includes running the image/audio tower, and for us loading
+it on first use), prefill and decode rates. Memory: peak RSS (getrusage ru_maxrss and
+/proc/self/status VmHWM), RSS split into anonymous and file-backed pages at the end, and MLX's
+own peak (`mx.get_peak_memory()`), also after load and after the first token.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+
+T_START = time.perf_counter()
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+MiB = 1 << 20
+IMAGE_SIZE = 768
+AUDIO_FRAMES = 3000  # 30 s of 10 ms log-mel frames -> 188 soft tokens
+
+
+def proc_status() -> dict:
+    """VmHWM, VmRSS, RssAnon, RssFile, RssShmem from /proc/self/status, in MiB."""
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                out[key] = int(rest.split()[0]) / 1024
+    except OSError:
+        pass
+    return out
+
+
+def ru_maxrss_mib() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / MiB
+
+
+def snapshot(tag: str) -> dict:
+    s = proc_status()
+    return {
+        f"{tag}_hwm_mib": s.get("VmHWM"),
+        f"{tag}_rss_mib": s.get("VmRSS"),
+        f"{tag}_mlx_peak_mib": mx.get_peak_memory() / MiB,
+        f"{tag}_mlx_active_mib": mx.get_active_memory() / MiB,
+    }
+
+
+def build_prompt(config: dict, length: int, mode: str, seed: int = 0) -> np.ndarray:
+    """Random text ids (< the per-layer vocabulary), with an image or audio block near the
+    start for the multimodal modes. Total length is `length` either way."""
+    text = config["text_config"]
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, text["vocab_size_per_layer_input"], size=length, dtype=np.int64)
+    if mode == "vision":
+        block = [config["boi_token_id"]] + [config["image_token_id"]] * config.get(
+            "vision_soft_tokens_per_image", 256) + [config["eoi_token_id"]]
+    elif mode == "audio":
+        block = [config["boa_token_id"]] + [config["audio_token_id"]] * config.get(
+            "audio_soft_tokens_per_image", 188) + [config["eoa_token_id"]]
+    else:  # text, towers
+        return ids
+    if len(block) + 8 > length:  # noqa
+        raise ValueError(f"prompt of {length} tokens is too short for a {mode} block of {len(block)}")
+    ids[4:4 + len(block)] = block
+    return ids
+
+
+def image_input(size: int = IMAGE_SIZE, seed: int = 0) -> mx.array:
+    """One normalised size x size RGB image, NCHW float32 (what the image processors return;
+    Gemma 3n's is 768x768)."""
+    rng = np.random.default_rng(seed)
+    return mx.array(rng.uniform(0, 1, size=(1, 3, size, size)).astype(np.float32))
+
+
+def audio_input(seed: int = 0):
+    """30 s of random log-mel features [1, T, 128] and the valid-frame mask [1, T]."""
+    rng = np.random.default_rng(seed)
+    feats = mx.array(rng.normal(-4.0, 2.0, size=(1, AUDIO_FRAMES, 128)).astype(np.float32))
+    return feats, mx.ones((1, AUDIO_FRAMES), dtype=mx.bool_)
+
+
+# -- ours -----------------------------------------------------------------------------------
+
+
+def run_ours(args, result: dict) -> None:
+    t = time.perf_counter()
+    from mlx_gemma3n.generation import generate_step
+    from mlx_gemma3n.loading import load_model
+
+    result["import_pkg_s"] = time.perf_counter() - t
+    result.update(snapshot("after_import"))
+    t = time.perf_counter()
+    model = load_model(Path(args.model))
+    result["load_s"] = time.perf_counter() - t
+    mx.eval(model.parameters())
+    result["ready_s"] = time.perf_counter() - t
+    result.update(snapshot("after_load"))
+    _save(args, result)
+    config = json.loads((Path(args.model) / "config.json").read_text())
+    ids = build_prompt(config, args.prompt, args.mode)
+
+    t_req = time.perf_counter()
+    kwargs = {}
+    if args.mode == "towers":
+        # Load (not run) every tower and embedder, as mlx-vlm always does: isolates what the
+        # lazy parts save without paying for a tower forward pass on MLX-CPU.
+        model.require("embed_vision", "vision_tower", "embed_audio", "audio_tower")
+        mx.eval(model.parameters())
+        result["tower_load_s"] = time.perf_counter() - t_req
+        result.update(snapshot("after_towers"))
+        t_req = time.perf_counter()
+    if args.mode == "vision":
+        pixels = image_input(args.image_size)
+        if hasattr(model, "encode_images"):
+            feats = model.encode_images(pixels)
+        else:
+            model.require("embed_vision", "vision_tower")
+            f = model.vision_tower(pixels) * config["vision_config"].get("hidden_size", 2048) ** 0.5
+            feats = model.embed_vision.embed_soft(f).reshape(-1, config["text_config"]["hidden_size"])
+        mx.eval(feats)
+        kwargs["image_features"] = feats
+    elif args.mode == "audio":
+        feats, valid = audio_input()
+        if hasattr(model, "encode_audio"):
+            enc = model.encode_audio(feats, valid)
+        else:
+            model.require("embed_audio", "audio_tower")
+            x, _ = model.audio_tower(feats, ~valid)
+            enc = model.embed_audio.embed_soft(x).reshape(-1, config["text_config"]["hidden_size"])
+        mx.eval(enc)
+        kwargs["audio_features"] = enc
+    if kwargs:
+        result["encode_s"] = time.perf_counter() - t_req
+        result.update(snapshot("after_encode"))
+    gen = generate_step(model, mx.array(ids), max_tokens=args.gen, prefill_step_size=args.prefill_step, **kwargs)
+    _consume(gen, t_req, result, args)
+
+
+# -- mlx-vlm --------------------------------------------------------------------------------
+
+
+def run_mlx_vlm(args, result: dict) -> None:
+    t = time.perf_counter()
+    import mlx_vlm
+    from mlx_vlm.generate.ar import generate_step
+    from mlx_vlm.utils import load_model
+
+    result["import_pkg_s"] = time.perf_counter() - t
+    result.update(snapshot("after_import"))
+    result["mlx_vlm_version"] = getattr(mlx_vlm, "__version__", "?")
+    t = time.perf_counter()
+    model = load_model(Path(args.model), lazy=False)  # what mlx_vlm.load() does
+    result["load_s"] = time.perf_counter() - t
+    result["ready_s"] = result["load_s"]
+    result.update(snapshot("after_load"))
+    _save(args, result)
+    config = json.loads((Path(args.model) / "config.json").read_text())
+    ids = build_prompt(config, args.prompt, args.mode)
+
+    t_req = time.perf_counter()
+    pixels, kwargs = None, {}
+    if args.mode == "vision":
+        pixels = image_input(args.image_size)
+    elif args.mode == "audio":
+        feats, valid = audio_input()
+        kwargs = {"input_features": feats, "input_features_mask": valid}
+    gen = generate_step(
+        mx.array(ids)[None], model, pixels, None, max_tokens=args.gen, temperature=0.0,
+        prefill_step_size=args.prefill_step, **kwargs,
+    )
+    _consume(gen, t_req, result, args)
+
+
+def _save(args, result: dict) -> None:
+    """Partial results, so that a run killed by its timeout still reports what it got."""
+    partial = dict(result, ok=False, error="incomplete (killed or timed out)")
+    s = proc_status()
+    partial.update(peak_rss_mib=ru_maxrss_mib(), vm_hwm_mib=s.get("VmHWM"), mlx_peak_mib=mx.get_peak_memory() / MiB)
+    args.out.write_text(json.dumps(partial, indent=2))
+
+
+def _consume(gen, t_req: float, result: dict, args) -> None:
+    tokens, t_first = [], None
+    for tok, logprobs in gen:
+        if t_first is None:
+            # The token id is what a caller sees first. Do not evaluate `logprobs` before
+            # taking the time: ours yields a lazy slice that MLX queues behind the next
+            # step, already in flight, so evaluating it waits for one more decode step.
+            t_first = time.perf_counter()
+            result["ttft_s"] = t_first - t_req
+            first_logprobs = logprobs
+            result.update(snapshot("after_first_token"))
+            _save(args, result)
+        tokens.append(int(tok))
+        if len(tokens) >= args.gen:
+            break
+    t_end = time.perf_counter()
+    if t_first is not None:
+        result["first_logprobs_finite"] = bool(mx.all(mx.isfinite(first_logprobs)).item())
+    result["generated"] = len(tokens)
+    result["prefill_tok_s"] = args.prompt / (result["ttft_s"] - result.get("encode_s", 0.0))
+    if len(tokens) > 1:
+        result["decode_tok_s"] = (len(tokens) - 1) / (t_end - t_first)
+    result["gen_total_s"] = t_end - t_req
+    result["tokens_head"] = tokens[:8]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--impl", choices=("ours", "mlx-vlm"), required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--mode", choices=("text", "towers", "vision", "audio"), default="text")
+    p.add_argument("--prompt", type=int, default=512)
+    p.add_argument("--gen", type=int, default=128)
+    p.add_argument("--prefill-step", type=int, default=512)
+    p.add_argument("--image-size", type=int, default=IMAGE_SIZE)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+
+    result = {
+        "impl": args.impl, "model": args.model, "mode": args.mode, "prompt": args.prompt,
+        "gen_requested": args.gen, "prefill_step": args.prefill_step,
+        "image_size": args.image_size if args.mode == "vision" else None,
+        "import_s": time.perf_counter() - T_START,
+        "mlx_version": mx.__version__, "device": str(mx.default_device()),
+        "ld_preload": os.environ.get("LD_PRELOAD", ""), "pid": os.getpid(),
+        "python": platform.python_version(),
+    }
+    result.update(snapshot("start"))
+    mx.reset_peak_memory()
+    try:
+        (run_ours if args.impl == "ours" else run_mlx_vlm)(args, result)
+        result["ok"] = True
+    except Exception as e:  # recorded, not hidden: the report prints it
+        result["ok"] = False
+        result["error"] = f"{type(e).__name__}: {e}"
+        result["traceback"] = traceback.format_exc()[-4000:]
+    s = proc_status()
+    result.update(
+        peak_rss_mib=ru_maxrss_mib(), vm_hwm_mib=s.get("VmHWM"), end_rss_mib=s.get("VmRSS"),
+        end_rss_anon_mib=s.get("RssAnon"), end_rss_file_mib=s.get("RssFile"),
+        mlx_peak_mib=mx.get_peak_memory() / MiB, end_mlx_active_mib=mx.get_active_memory() / MiB,
+        mlx_cache_mib=mx.get_cache_memory() / MiB,
+    )
+    args.out.write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k != "traceback"}))
+
+
+if __name__ == "__main__":
+    main()
