@@ -9,7 +9,7 @@ import json
 import mmap
 import struct
 from pathlib import Path
-from typing import Dict, Iterable, Tuple
+from typing import Dict, Iterable, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
@@ -35,13 +35,11 @@ class MappedTensor:
         storage, self.dtype = DTYPES[dtype]
         self.array = _map(file, np.dtype(storage), self.shape, offset)
 
-    def rows(self, ids: np.ndarray) -> mx.array:
-        """Rows `ids` (any shape) -> mx.array [*ids.shape, *row_shape]."""
-        out = mx.array(np.ascontiguousarray(self.array[np.asarray(ids)]))
+    def rows(self, ids: Union[np.ndarray, slice]) -> mx.array:
+        """Rows `ids` (an index array of any shape, or a slice) -> mx.array."""
+        picked = self.array[ids] if isinstance(ids, slice) else self.array[np.asarray(ids)]
+        out = mx.array(np.ascontiguousarray(picked))
         return out.view(self.dtype) if self.dtype == mx.bfloat16 else out
-
-    def block(self, start: int, stop: int) -> mx.array:
-        return self.rows(np.arange(start, stop))
 
 
 def _map(file: Path, dtype: np.dtype, shape: Tuple[int, ...], offset: int) -> np.ndarray:

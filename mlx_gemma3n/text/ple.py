@@ -7,7 +7,7 @@ checkpoint file on demand (one contiguous read per token per tensor) and dequant
 
 import copy
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, Optional
+from typing import Dict, Iterable, Iterator, Optional, Union
 
 import mlx.core as mx
 import numpy as np
@@ -62,7 +62,7 @@ class PerLayerEmbeddingTable:
         """Rows for `ids` (any shape) -> [*ids.shape, dims], dequantized."""
         return self.rows(np.array(ids))
 
-    def rows(self, ids: np.ndarray) -> mx.array:
+    def rows(self, ids: Union[np.ndarray, slice]) -> mx.array:
         w = self.weight.rows(ids)
         if self.quantized:
             w = mx.dequantize(
@@ -73,7 +73,7 @@ class PerLayerEmbeddingTable:
     def blocks(self, rows_per_block: int = 8192) -> Iterator[mx.array]:
         """The whole table, dequantized, a block of rows at a time (for conversion)."""
         for start in range(0, self.num_rows, rows_per_block):
-            yield self.rows(np.arange(start, min(start + rows_per_block, self.num_rows)))
+            yield self.rows(slice(start, min(start + rows_per_block, self.num_rows)))
 
 
 def quantize_blocks(
