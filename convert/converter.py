@@ -39,8 +39,9 @@ class ConversionError(RuntimeError):
 
 def _should_quantize(group_size: int):
     def predicate(path: str, module: nn.Module) -> bool:
-        # AltUp's router and coefficient maps are tiny and steer every stream; keep them exact.
-        if "altup" in path or not isinstance(module, (nn.Linear, nn.Embedding)):
+        # Each layer's AltUp router and coefficient maps are tiny and steer every stream: keep
+        # them exact (the model-level altup_(un)embed_projections are large and quantize).
+        if ".altup." in path or not isinstance(module, (nn.Linear, nn.Embedding)):
             return False
         return module.weight.shape[-1] % group_size == 0
 

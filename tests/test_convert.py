@@ -87,6 +87,10 @@ def test_quantized_model_equals_its_dequantized_weights(tiny_hf, tmp_path):
                 target = target[int(name)] if name.isdigit() else getattr(target, name)
             target.weight = w
     assert n_quantized > 20
+    lm = quant.language_model
+    assert isinstance(lm.altup_projections[0], nn.QuantizedLinear)
+    assert isinstance(lm.layers[0].altup.modality_router, nn.Linear)
+    assert not isinstance(lm.layers[0].altup.modality_router, nn.QuantizedLinear)
     deq.language_model.ple_table = quant.language_model.ple_table  # gathers dequantized rows
     a, b = np.array(quant(mx.array(IDS))), np.array(deq(mx.array(IDS)))
     assert rel_err(a, b) < 1e-5
