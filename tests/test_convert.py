@@ -50,15 +50,15 @@ def test_bfloat16_is_close(tiny_hf, ref, tmp_path):
     out = convert(tiny_hf[0], tmp_path / "bf16", dtype="bfloat16")
     model = load_model(out)
     assert model.language_model.layers[0].mlp.up_proj.weight.dtype == mx.bfloat16
-    # measured ~0.02 max error relative to the logit range, cosine > 0.999
+    # measured 0.025 max error relative to the logit range, cosine 0.9995
     got = logits(out)
     assert rel_err(got, ref) < 0.08 and cosine(got, ref) > 0.995
 
 
 @pytest.mark.parametrize(
     "bits,max_err,min_cos",
-    # Measured on the tiny random model (group 32, PLE 8-bit): 8-bit 0.032 / 0.9994;
-    # 4-bit 0.35 / 0.89.
+    # Measured on the tiny random model (group 32, PLE 8-bit): 8-bit 0.033 / 0.9994;
+    # 4-bit 0.36 / 0.90.
     # Random 64-wide weights are the worst case for 4-bit; the dequantized-model check
     # below shows the gap is quantization noise only.
     [(8, 0.08, 0.995), (4, 0.8, 0.6)],
