@@ -13,6 +13,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 from mlx_gemma3n.loading import load_model, resolve_model_path
+from mlx_gemma3n.model import tower_of
 from mlx_gemma3n.saving import ple_specs, write_checkpoint
 from mlx_gemma3n.text.ple import NAME as PLE
 from mlx_gemma3n.text.ple import quantize_blocks
@@ -88,7 +89,7 @@ def _temp_dir_beside(out: Path) -> Path:
 
 def _load(src: Path, drop: set):
     model = load_model(src)
-    parts = [p for p in model.parts if p.removeprefix("embed_").removesuffix("_tower") not in drop]
+    parts = [p for p in model.parts if tower_of(p) not in drop]
     print(f"loading {src}: language_model {' '.join(parts)}")
     model.require(*parts)
     model.set_part_loader(None)

@@ -15,6 +15,7 @@ from mlx.utils import tree_flatten, tree_map
 from .config import ModelConfig
 from .model import Gemma3n
 from .saving import ple_specs, write_checkpoint
+from .text.ple import NAME as PLE
 from .tiny import TINY_CONFIG, write_tiny_tokenizer
 
 DEMO_VERSION = "2"
@@ -42,9 +43,8 @@ def _perturb_vector(a: mx.array) -> mx.array:
 
 def _ple_blocks(rows: int, dims: int, seed: int, block: int = 4096):
     rng = np.random.default_rng(seed)
-    name = next(iter(ple_specs(rows, dims, mx.float32, 0, 0)))
     for start in range(0, rows, block):
-        yield {name: mx.array(rng.standard_normal((min(block, rows - start), dims), np.float32) * 0.5)}
+        yield {f"{PLE}.weight": mx.array(rng.standard_normal((min(block, rows - start), dims), np.float32) * 0.5)}
 
 
 def build_demo_checkpoint(out: Path, seed: int = 0) -> Path:

@@ -3,7 +3,7 @@
 import json
 import re
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -13,7 +13,6 @@ from .config import ModelConfig
 from .model import Gemma3n
 from .text.ple import PARTS as PLE_PARTS
 from .text.ple import PerLayerEmbeddingTable
-from .tokenizer import Tokenizer
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.md"]
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -169,12 +168,3 @@ def load_model(path: Path, parts: Optional[Iterable[str]] = None, lazy: bool = T
     if not lazy:
         model.set_part_loader(None)
     return model
-
-
-def load(path_or_hub_id: str, text_only: bool = False) -> Tuple[Gemma3n, Tokenizer]:
-    """Load a Gemma 3n checkpoint (local dir or Hub id) -> (model, tokenizer).
-
-    Audio and vision parts load on first use; `text_only=True` never loads them."""
-    path = resolve_model_path(path_or_hub_id)
-    model = load_model(path, lazy=not text_only)
-    return model, Tokenizer(path / "tokenizer.model")

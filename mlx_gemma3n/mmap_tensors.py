@@ -31,7 +31,7 @@ class MappedTensor:
     def __init__(self, file: Path, dtype: str, shape: Tuple[int, ...], offset: int):
         if dtype not in DTYPES:
             raise ValueError(f"{file}: unsupported dtype {dtype} for a memory-mapped tensor")
-        self.file, self.shape, self.dtype_name = file, tuple(shape), dtype
+        self.shape = tuple(shape)
         storage, self.dtype = DTYPES[dtype]
         self.array = _map(file, np.dtype(storage), self.shape, offset)
 

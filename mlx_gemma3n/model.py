@@ -31,7 +31,7 @@ class Gemma3n(nn.Module):
 
     def build_part(self, part: str) -> nn.Module:
         """A new, unloaded module for `part`: "embed_<tower>" or "<tower>_tower"."""
-        name = part.removeprefix("embed_").removesuffix("_tower")
+        name = tower_of(part)
         if name not in TOWERS or part not in (f"embed_{name}", f"{name}_tower"):
             raise ValueError(f"unknown model part {part!r}")
         block = getattr(self.config, f"{name}_config")
@@ -155,6 +155,11 @@ class Gemma3n(nn.Module):
             if not key.startswith("lm_head.") and not key.startswith(shared):
                 out[key] = value
         return out
+
+
+def tower_of(part: str) -> str:
+    """"vision" for "embed_vision" and "vision_tower"."""
+    return part.removeprefix("embed_").removesuffix("_tower")
 
 
 def scatter_placeholders(h: mx.array, mask: mx.array, features: mx.array) -> mx.array:

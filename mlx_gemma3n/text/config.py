@@ -81,17 +81,20 @@ class TextConfig:
     def first_kv_shared_layer(self) -> int:
         return self.num_hidden_layers - self.num_kv_shared_layers
 
+    def cache_owner(self, kind: str) -> int:
+        """The last non-shared layer of attention type `kind`: KV-shared layers of that type
+        read its keys/values, and its cache decides that type's attention mask."""
+        owners = [i for i in range(self.first_kv_shared_layer) if self.layer_types[i] == kind]
+        if not owners:
+            raise ValueError(f"no non-shared layer of type {kind} to share its KV cache")
+        return owners[-1]
+
     def kv_source(self, layer: int) -> int:
-        """The layer whose keys/values `layer` attends over: itself, or for a KV-shared layer the
-        last non-shared layer of the same attention type."""
-        first = self.first_kv_shared_layer
-        if layer < first:
+        """The layer whose keys/values `layer` attends over: itself, or for a KV-shared layer
+        the cache owner of its type."""
+        if layer < self.first_kv_shared_layer:
             return layer
-        kind = self.layer_types[layer]
-        sources = [i for i in range(first) if self.layer_types[i] == kind]
-        if not sources:
-            raise ValueError(f"layer {layer} shares KV but no earlier layer is of type {kind}")
-        return sources[-1]
+        return self.cache_owner(self.layer_types[layer])
 
 
 def _check_default_rope(params: dict) -> None:

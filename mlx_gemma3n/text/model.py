@@ -48,6 +48,7 @@ class TextModel(nn.Module):
             nn.Linear(d, d, bias=False) for _ in range(config.altup_num_inputs - 1)
         ]
         self.layers = [DecoderLayer(config, i) for i in range(n_layers)]
+        self._kv_sources = [config.kv_source(i) for i in range(n_layers)]
         self.norm = RMSNorm(d, config.rms_norm_eps)
 
     # -- embeddings -------------------------------------------------------------------------
@@ -95,9 +96,9 @@ class TextModel(nn.Module):
         c = self.config
         masks = {}
         for kind in set(c.layer_types):
-            src = max(i for i in range(c.first_kv_shared_layer) if c.layer_types[i] == kind)
             window = c.sliding_window if kind == SLIDING else None
-            masks[kind] = mlx_lm_base.create_attention_mask(h, caches[src], window_size=window)
+            owner = caches[c.cache_owner(kind)]
+            masks[kind] = mlx_lm_base.create_attention_mask(h, owner, window_size=window)
         return masks
 
     # -- forward ----------------------------------------------------------------------------
@@ -124,8 +125,7 @@ class TextModel(nn.Module):
 
         masks = self._masks(inputs_embeds, cache)
         kvs = {}
-        for i, layer in enumerate(self.layers):
-            src = c.kv_source(i)
+        for i, (layer, src) in enumerate(zip(self.layers, self._kv_sources)):
             h, kv = layer(
                 h,
                 per_layer[:, :, i, :],
