@@ -8,7 +8,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import mlx.core as mx
 import numpy as np
 
-from .generation import generate_step
+from .generation import PREFILL_CHUNK, generate_step
 from .loading import load_model, resolve_model_path
 from .mlx_lm_parts import cache as mlx_lm_cache
 from .mlx_lm_parts import sample_utils
@@ -140,7 +140,7 @@ def stream_tokens(
     max_tokens: int = 256,
     sampling: Optional[SamplingOptions] = None,
     should_stop: Optional[Callable[[], bool]] = None,
-    prefill_step_size: int = 512,
+    prefill_step_size: int = PREFILL_CHUNK,
 ) -> Iterator[GenerationResponse]:
     """Generate after `inputs`, whose ids continue `prompt_cache.tokens`. The lower-level
     entry point shared by `stream_generate` and `ChatSession`."""

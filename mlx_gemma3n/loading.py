@@ -136,7 +136,7 @@ def load_model(path: Path, parts: Optional[Iterable[str]] = None, lazy: bool = T
     """Build the model for the checkpoint in `path` and load its text decoder.
 
     `parts` (e.g. "vision_tower", "embed_audio") are loaded now; with `lazy` the others are
-    loaded from the same files on first use, else they stay absent. Tensors are memory-mapped,
+    loaded from the same files on first use, else they stay absent. Tensors are read lazily,
     so the weights of parts never used are never read."""
     config = read_config(path)
     model = Gemma3n(config)

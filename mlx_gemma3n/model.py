@@ -69,9 +69,10 @@ class Gemma3n(nn.Module):
         image_features: Optional[mx.array] = None,
         audio_features: Optional[mx.array] = None,
     ):
-        """Token ids -> (inputs_embeds, per_layer_embeds). Multimodal hard tokens go through
-        their embedder; soft-token placeholders are replaced by the (already embedded)
-        `image_features` / `audio_features`, each [N, D] in placeholder order."""
+        """Token ids -> inputs_embeds. Multimodal hard tokens go through their embedder;
+        soft-token placeholders are replaced by the (already embedded) `image_features` /
+        `audio_features`, each [N, D] in placeholder order. The per-layer embeddings are
+        read separately (`language_model.per_layer_embeddings`), a prefill chunk at a time."""
         lm = self.language_model
         h = lm.embed(input_ids)
         for name in TOWERS:
@@ -88,7 +89,7 @@ class Gemma3n(nn.Module):
         ):
             if feats is not None:
                 h = scatter_placeholders(h, input_ids == token_id, feats)
-        return h, lm.per_layer_embeddings(input_ids)
+        return h
 
     # -- multimodal encoders ----------------------------------------------------------------
 
@@ -125,14 +126,15 @@ class Gemma3n(nn.Module):
 
     def __call__(
         self,
-        input_ids: Optional[mx.array] = None,
+        input_ids: mx.array,
         cache: Optional[List[Any]] = None,
         inputs_embeds: Optional[mx.array] = None,
-        per_layer_embeds: Optional[mx.array] = None,
     ) -> mx.array:
-        """Logits for `input_ids` [B, L], or for precomputed (`inputs_embeds`, `per_layer_embeds`)."""
+        """Logits for `input_ids` [B, L]; `inputs_embeds` from `embed_inputs` when the ids
+        hold image/audio placeholders."""
         if inputs_embeds is None:
-            inputs_embeds, per_layer_embeds = self.embed_inputs(input_ids)
+            inputs_embeds = self.embed_inputs(input_ids)
+        per_layer_embeds = self.language_model.per_layer_embeddings(input_ids)
         return self.logits(self.language_model(inputs_embeds, per_layer_embeds, cache))
 
     # -- weights ----------------------------------------------------------------------------

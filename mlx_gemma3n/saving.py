@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from .mmap_tensors import write_streaming
+from .file_tensors import write_streaming
 from .text.ple import NAME as PLE
 
 SHARD_BYTES = 2 << 30

@@ -47,8 +47,7 @@ def ours_and_reference(tiny_hf, loaded, messages):
         audio = model.encode_audio(mx.array(features), mx.array(valid))
         kwargs["input_features"] = torch.tensor(features)
         kwargs["input_features_mask"] = torch.tensor(valid)
-    embeds, per_layer = model.embed_inputs(ids, image, audio)
-    ours = np.array(model(inputs_embeds=embeds, per_layer_embeds=per_layer))
+    ours = np.array(model(ids, inputs_embeds=model.embed_inputs(ids, image, audio)))
     with torch.no_grad():
         ref = tiny_hf[1](input_ids=torch.tensor([inputs.token_ids]), **kwargs).logits.numpy()
     return inputs, ours, ref

@@ -81,8 +81,8 @@ def test_cached_prefill_and_decode_equal_full_forward(tiny_hf, text_model, chunk
     n_prompt = 5
     full = ref_logits(tiny_hf[1], ids)
     cache = text_model.make_cache()
-    embeds, per_layer = text_model.embed_inputs(mx.array(ids[:, :n_prompt]))
-    last = prefill(text_model, embeds, per_layer, cache, chunk_size=chunk)
+    head = mx.array(ids[:, :n_prompt])
+    last = prefill(text_model, head, text_model.embed_inputs(head), cache, chunk_size=chunk)
     assert rel_err(last, full[:, n_prompt - 1]) < TOL
     for t in range(n_prompt, ids.shape[1]):
         step = text_model(mx.array(ids[:, t : t + 1]), cache=cache)
@@ -94,8 +94,8 @@ def test_long_prompt_chunked_prefill_then_decode(tiny_hf, text_model):
     ids = prompt(5 * WINDOW + 1, seed=12)
     full = ref_logits(tiny_hf[1], ids)
     cache = text_model.make_cache()
-    embeds, per_layer = text_model.embed_inputs(mx.array(ids[:, :-1]))
-    prefill(text_model, embeds, per_layer, cache, chunk_size=WINDOW - 3)
+    head = mx.array(ids[:, :-1])
+    prefill(text_model, head, text_model.embed_inputs(head), cache, chunk_size=WINDOW - 3)
     step = text_model(mx.array(ids[:, -1:]), cache=cache)
     assert rel_err(step[:, 0], full[:, -1]) < TOL
 

@@ -35,7 +35,7 @@ class TextModel(nn.Module):
         d, n_layers = config.hidden_size, config.num_hidden_layers
         ple_dims = n_layers * config.hidden_size_per_layer_input
         self.embed_tokens = nn.Embedding(config.vocab_size, d)
-        # Not a parameter: memory-mapped from the checkpoint by the loader (see ple.py).
+        # Not a parameter: read from the checkpoint file by row (see ple.py).
         self.ple_table: Optional[PerLayerEmbeddingTable] = None
         self.per_layer_model_projection = nn.Linear(d, ple_dims, bias=False)
         self.per_layer_projection_norm = RMSNorm(

@@ -1,4 +1,4 @@
-"""The per-layer embedding (PLE) table, memory-mapped and gathered row by row.
+"""The per-layer embedding (PLE) table, read from the checkpoint file row by row.
 
 In E2B it holds ~2B of the 5B parameters (262144 tokens x 30 layers x 256), yet a step only
 needs the rows of the tokens it processes, so it is never loaded: rows are read from the
@@ -12,7 +12,7 @@ from typing import Dict, Iterable, Iterator, Optional, Union
 import mlx.core as mx
 import numpy as np
 
-from ..mmap_tensors import MappedTensor, map_tensors
+from ..file_tensors import FileTensor, find_tensors
 
 NAME = "language_model.embed_tokens_per_layer"
 PARTS = ("weight", "scales", "biases")
@@ -21,9 +21,9 @@ PARTS = ("weight", "scales", "biases")
 class PerLayerEmbeddingTable:
     def __init__(
         self,
-        weight: MappedTensor,
-        scales: Optional[MappedTensor] = None,
-        biases: Optional[MappedTensor] = None,
+        weight: FileTensor,
+        scales: Optional[FileTensor] = None,
+        biases: Optional[FileTensor] = None,
         group_size: int = 64,
         bits: int = 8,
     ):
@@ -48,9 +48,9 @@ class PerLayerEmbeddingTable:
 
     @classmethod
     def from_files(cls, files: Iterable[Path], quantization: Optional[dict]) -> "PerLayerEmbeddingTable":
-        """Find the table in the checkpoint shards (HF or MLX names) and map it."""
+        """Find the table in the checkpoint shards (HF or MLX names), to be read by row."""
         names = {f"{prefix}{NAME}.{p}": p for prefix in ("model.", "") for p in PARTS}
-        mapped = {names[k]: v for k, v in map_tensors(files, names).items()}
+        mapped = {names[k]: v for k, v in find_tensors(files, names).items()}
         if "weight" not in mapped:
             raise KeyError(f"checkpoint lacks {NAME}.weight")
         if "scales" not in mapped:
