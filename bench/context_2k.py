@@ -5,7 +5,7 @@ matmul, so the 2K point is derived from two measurements:
 
 1. the full 4-bit model's resident memory once loaded and past its first tokens (measured by
    `bench/memory.py`, passed in with --full-rss-gb);
-2. what a 2K context adds on top of the weights -- activations of a 512-token prefill chunk and
+2. what a 2K context adds on top of the weights -- activations of a prefill chunk and
    the KV caches -- measured on a *stand-in* with the real widths but only the two layers the
    KV-shared layers read from, cut from the same HF checkpoint with our MatFormer slicing
    (`--skip-layers`), run in bfloat16 like the real 4-bit model, or with --dtype float32
@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from mlx_gemma3n.generation import PREFILL_CHUNK
+
 HERE = Path(__file__).resolve().parent
 CACHE = Path(os.environ.get("BENCH_CACHE", "/work/bench-cache"))
 
@@ -41,13 +43,13 @@ from mlx_gemma3n.generation import generate_step
 def rss():
     return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
 
-path, n_prompt, n_gen = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+path, n_prompt, n_gen, chunk = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 model = load_model(Path(path))
 mx.eval(model.parameters())
 loaded = rss()
 ids = mx.array(np.random.default_rng(0).integers(10, 200_000, n_prompt))
 t = time.perf_counter()
-n = sum(1 for _ in generate_step(model, ids, max_tokens=n_gen, prefill_step_size=512))
+n = sum(1 for _ in generate_step(model, ids, max_tokens=n_gen, prefill_step_size=chunk))
 hwm = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
 print(json.dumps({"loaded_rss": loaded, "peak_rss": hwm, "tokens": n, "seconds": time.perf_counter() - t,
                   "mlx_peak": mx.get_peak_memory()}))
@@ -72,7 +74,7 @@ def standin(hf: Path, dtype: str) -> Path:
     return out
 
 
-def other_kv_bytes(hf: Path, context: int, chunk: int = 512) -> int:
+def other_kv_bytes(hf: Path, context: int, chunk: int) -> int:
     """bfloat16 K+V bytes, at `context` tokens, of the non-shared layers the stand-in lacks
     (all but one sliding and one global layer). A sliding cache holds up to window + chunk - 1
     tokens while a prefill chunk is appended."""
@@ -92,6 +94,7 @@ def main():
     p.add_argument("--target-gb", type=float)
     p.add_argument("--prompt", type=int, default=1920)
     p.add_argument("--gen", type=int, default=128)
+    p.add_argument("--prefill-step", type=int, default=PREFILL_CHUNK, help="tokens per prefill chunk")
     p.add_argument(
         "--dtype",
         choices=("bfloat16", "float32"),
@@ -101,11 +104,11 @@ def main():
     args = p.parse_args()
     model = standin(args.hf, args.dtype)
     t = time.perf_counter()
-    r = subprocess.run([sys.executable, "-c", WORKER, str(model), str(args.prompt), str(args.gen)],
+    r = subprocess.run([sys.executable, "-c", WORKER, str(model), str(args.prompt), str(args.gen), str(args.prefill_step)],
                        capture_output=True, text=True, check=True, cwd=HERE.parent)
     m = json.loads(r.stdout.strip().splitlines()[-1])
     added = m["peak_rss"] - m["loaded_rss"]
-    kv = other_kv_bytes(args.hf, args.prompt + args.gen)
+    kv = other_kv_bytes(args.hf, args.prompt + args.gen, args.prefill_step)
     estimate = args.full_rss_gb * 1e9 + added + kv
     report = {
         "checkpoint": str(args.hf), "standin": str(model), "context": args.prompt + args.gen,
@@ -113,7 +116,7 @@ def main():
         "context_overhead_gb": added / 1e9, "other_layers_kv_gb": kv / 1e9,
         "full_rss_gb": args.full_rss_gb, "estimated_peak_gb": estimate / 1e9,
         "target_gb": args.target_gb, "standin_seconds": m["seconds"], "wall_s": time.perf_counter() - t,
-        "standin_dtype": args.dtype,
+        "standin_dtype": args.dtype, "prefill_step": args.prefill_step,
         "ld_preload": os.environ.get("LD_PRELOAD", ""),
     }
     print(json.dumps(report, indent=2))

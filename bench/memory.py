@@ -9,8 +9,10 @@ in a fresh subprocess (bench/worker.py) so that each peak RSS is clean:
                   mlx-vlm: its own `convert -q` of the same HF checkpoint (4-bit everything
                   it quantizes, towers left in bf16)
             bf16  both loaders read the bf16 HF checkpoint directly (no converted copy: disk)
-  modes     text, audio (30 s clip through the audio tower), vision (one image through the
-            vision tower; slow on MLX-CPU, so off by default)
+  modes     text; towers (every tower loaded, as mlx-vlm always does, text run); audio (30 s
+            clip through the audio tower), vision (one image through the vision tower); with
+            --encode-only the tower embeds a prompt holding its block and the text run is
+            text-only (a prompt with the block is too long to prefill on MLX-CPU)
   point     --prompt/--gen (default 512 + 128), and the 2K-context point --ctx-prompt/--ctx-gen
             (default 1920 + 128, 4-bit text only) that the RSS targets are stated for.
 
@@ -36,6 +38,8 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from make_checkpoint import SHAPES, build  # noqa: E402
+
+from mlx_gemma3n.generation import PREFILL_CHUNK  # noqa: E402
 
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
 SPEC_PROMPT, SPEC_GEN = 512, 128
@@ -202,6 +206,7 @@ def measure(shape, run, model_dir, env, args, logs: Path) -> dict:
     cmd = [sys.executable, str(HERE / "worker.py"), "--impl", run["impl"], "--model", str(model_dir),
            "--mode", run["mode"], "--prompt", str(run["prompt"]), "--gen", str(run["gen"]),
            "--prefill-step", str(args.prefill_step), "--image-size", str(args.image_size), "--out", str(out)]
+    cmd += ["--encode-only"] if args.encode_only else []
     print(f"[{shape}] {tag} ...", flush=True)
     rc, wall, child_peak, timed_out = run_child(cmd, env, args.timeout, logs / f"{tag}.log")
     result = dict(run, shape=shape, model_dir=str(model_dir), wall_s=wall, child_ru_maxrss_bytes=child_peak,
@@ -240,6 +245,8 @@ def _label(r) -> str:
     extra = " (REDUCED)" if reduced else ""
     if r.get("mode") == "vision" and r.get("image_size") not in (None, 768):
         extra += f" img {r['image_size']}px (REDUCED)"
+    if r.get("encode_only") and r.get("mode") in ("vision", "audio"):
+        extra += " encode-only"
     return f"{r['variant']:<4} {r['mode']:<6} {r['prompt']:>4}+{r['gen']:<3}{extra}"
 
 
@@ -309,7 +316,9 @@ def main(argv=None) -> None:
     p.add_argument("--bf16-gen", type=int, default=None, help="generated tokens for the bf16 runs (default --gen)")
     p.add_argument("--ctx-prompt", type=int, default=1920, help="2K-context point (0: skip)")
     p.add_argument("--ctx-gen", type=int, default=128)
-    p.add_argument("--prefill-step", type=int, default=512)
+    p.add_argument("--prefill-step", type=int, default=PREFILL_CHUNK, help="both implementations (our default)")
+    p.add_argument("--encode-only", action="store_true",
+                   help="audio/vision: run the tower on a full-size input, then generate from a text-only prompt")
     p.add_argument("--image-size", type=int, default=768)
     p.add_argument("--timeout", type=float, default=1800, help="per subprocess, seconds")
     p.add_argument("--openblas", choices=("auto", "on", "off"), default="off",

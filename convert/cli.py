@@ -27,6 +27,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=8,
         help="bits for the per-layer embedding table when quantizing (0: keep --dtype)",
     )
+    p.add_argument(
+        "--q-audio-bits",
+        type=int,
+        choices=(0, 4, 8),
+        default=8,
+        help="bits for the audio tower's linear layers when quantizing (0: keep --dtype)",
+    )
     p.add_argument("--drop-audio", action="store_true", help="leave out the audio tower")
     p.add_argument("--drop-vision", action="store_true", help="leave out the vision tower")
     p.add_argument(
@@ -52,6 +59,7 @@ def main(argv=None) -> None:
             q_bits=args.q_bits,
             q_group_size=args.q_group_size,
             q_ple_bits=args.q_ple_bits,
+            q_audio_bits=args.q_audio_bits,
             drop=[t for t in ("audio", "vision") if getattr(args, f"drop_{t}")],
             ffn_dims=args.ffn_dims,
             skip_layers=args.skip_layers,

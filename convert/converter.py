@@ -98,11 +98,18 @@ def _load(src: Path, drop: set):
     return model, parts
 
 
-def _quantize(model, group_size: int, bits: int) -> None:
+def _quantize(model, group_size: int, bits: int, audio_bits: int) -> None:
     nn.quantize(
         model.language_model, group_size=group_size, bits=bits, class_predicate=_should_quantize(group_size)
     )
     model.config.quantization = {"group_size": group_size, "bits": bits}
+    if audio_bits and "audio_tower" in model:
+        # The conformer's linears are 1.4 GB in bfloat16, more than the 4-bit E2B decoder.
+        nn.quantize(
+            model.audio_tower, group_size=group_size, bits=audio_bits, class_predicate=_should_quantize(group_size)
+        )
+        if any(isinstance(m, nn.QuantizedLinear) for m in model.audio_tower.modules()):
+            model.config.quantization["audio_tower"] = {"group_size": group_size, "bits": audio_bits}
 
 
 def _ple_output(model, dtype: mx.Dtype, group_size: int, bits: int):
@@ -124,6 +131,7 @@ def convert(
     q_bits: int = 4,
     q_group_size: int = 64,
     q_ple_bits: int = 8,
+    q_audio_bits: int = 8,
     drop: Iterable[str] = (),
     ffn_dims: Sequence[int] = (),
     skip_layers: Sequence[int] = (),
@@ -144,13 +152,13 @@ def convert(
         model = slice_model(model, ffn_dims, skip_layers)
     _cast(model, DTYPES[dtype])
     if quantize:
-        _quantize(model, q_group_size, q_bits)
+        _quantize(model, q_group_size, q_bits, q_audio_bits)
     specs, blocks, ple_bits = _ple_output(model, DTYPES[dtype], q_group_size, q_ple_bits if quantize else 0)
     options = {"dtype": dtype, "quantize": quantize, "drop": sorted(drop)}
     if ffn_dims or skip_layers:
         options.update(ffn_dims=list(ffn_dims), skip_layers=list(skip_layers))
     if quantize:
-        options.update(q_bits=q_bits, q_group_size=q_group_size, q_ple_bits=ple_bits)
+        options.update(q_bits=q_bits, q_group_size=q_group_size, q_ple_bits=ple_bits, q_audio_bits=q_audio_bits)
 
     tmp = _temp_dir_beside(out)
     try:

@@ -161,7 +161,8 @@ def load_model(path: Path, parts: Optional[Iterable[str]] = None, lazy: bool = T
             raise CheckpointError(f"{path} has no weights for {part}")
         if hasattr(module, "sanitize"):
             found = module.sanitize(found)
-        _load_module(module, found, config.quantization)
+        quantization = config.quantization or {}
+        _load_module(module, found, quantization.get(part, quantization))
 
     model.set_part_loader(load_part)
     model.require(*(parts or ()))

@@ -66,8 +66,10 @@ def test_bfloat16_is_close(tiny_hf, ref, tmp_path):
 def test_quantized_stays_close(tiny_hf, ref, tmp_path, bits, max_err, min_cos):
     out = convert(tiny_hf[0], tmp_path / f"q{bits}", dtype="float32", quantize=True, q_bits=bits, q_group_size=32)
     cfg = json.loads((out / "config.json").read_text())
-    ple = {"group_size": 32, "bits": 8}  # the PLE table defaults to 8 bits
-    assert cfg["quantization"] == {"group_size": 32, "bits": bits, "language_model.embed_tokens_per_layer": ple}
+    eight = {"group_size": 32, "bits": 8}  # the PLE table and the audio tower default to 8 bits
+    assert cfg["quantization"] == {
+        "group_size": 32, "bits": bits, "language_model.embed_tokens_per_layer": eight, "audio_tower": eight
+    }
     got = logits(out)
     assert rel_err(got, ref) < max_err and cosine(got, ref) > min_cos
 
@@ -140,3 +142,27 @@ def test_failure_midway_leaves_nothing(tiny_hf, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         convert(tiny_hf[0], tmp_path / "out", dtype="float32")
     assert list(tmp_path.iterdir()) == []
+
+
+def audio_encoding(model, seed: int = 0) -> np.ndarray:
+    features = np.random.default_rng(seed).normal(-4.0, 2.0, (1, 200, 128)).astype(np.float32)
+    return np.array(model.encode_audio(mx.array(features), mx.ones((1, 200), dtype=mx.bool_)))
+
+
+@pytest.mark.parametrize("audio_bits", [8, 0])
+def test_audio_tower_quantization(tiny_hf, tmp_path, audio_bits):
+    """-q quantizes the audio tower's linears (8-bit by default): its soft tokens stay within
+    8-bit noise of the float tower's; --q-audio-bits 0 keeps the tower as it was."""
+    out = convert(tiny_hf[0], tmp_path / "qa", dtype="float32", quantize=True, q_bits=4, q_group_size=32,
+                  q_audio_bits=audio_bits)
+    model = load_model(out)
+    model.require("audio_tower")
+    n_quantized = sum(isinstance(m, nn.QuantizedLinear) for m in model.audio_tower.modules())
+    quantization = json.loads((out / "config.json").read_text())["quantization"]
+    if not audio_bits:
+        assert n_quantized == 0 and "audio_tower" not in quantization
+        np.testing.assert_array_equal(audio_encoding(model), audio_encoding(load_model(tiny_hf[0])))
+        return
+    assert n_quantized > 10 and quantization["audio_tower"] == {"group_size": 32, "bits": 8}
+    got, ref = audio_encoding(model), audio_encoding(load_model(tiny_hf[0]))
+    assert rel_err(got, ref) < 0.03 and cosine(got, ref) > 0.999  # measured 0.015 / 0.99989

@@ -68,27 +68,32 @@ def test_gathered_rows_do_not_stay_resident(big_table):
     assert proc_kb("VmRSS") - rss_kb < 3 * rows.nbytes // 1024 + 4096  # 3.7 MB of rows
 
 
-def test_quantized_rows_match_the_float_table(big_table, tmp_path):
-    """Gather + dequantize equals quantizing the float rows, within the 8-bit bound."""
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_rows_match_the_float_table(big_table, tmp_path, bits):
+    """Gather + dequantize equals quantizing the float rows, within the quantization bound."""
     _, table = big_table
     w = mx.array(table[:1024])
-    q, scales, biases = mx.quantize(w, group_size=64, bits=8)
+    q, scales, biases = mx.quantize(w, group_size=64, bits=bits)
     path = tmp_path / "q.safetensors"
     save_file(
         {f"{NAME}.weight": np.array(q), f"{NAME}.scales": np.array(scales), f"{NAME}.biases": np.array(biases)},
         str(path),
     )
-    ple = PerLayerEmbeddingTable.from_files([path], {"group_size": 64, "bits": 8})
+    ple = PerLayerEmbeddingTable.from_files([path], {"group_size": 64, "bits": bits})
     ids = np.array([3, 1000, 17])
     got = np.array(ple(mx.array(ids)))
-    expected = np.array(mx.dequantize(q, scales, biases, group_size=64, bits=8))[ids]
+    expected = np.array(mx.dequantize(q, scales, biases, group_size=64, bits=bits))[ids]
     np.testing.assert_array_equal(got, expected)
-    # per group the 8-bit step is (max - min) / 255; MLX shifts its grid so that 0 is exact,
-    # so the bound is one step, not half (measured up to 0.86 step)
-    groups = table[ids].reshape(len(ids), -1, 64)
-    step = (groups.max(-1) - groups.min(-1)) / 255
-    err = np.abs(got - table[ids]).reshape(len(ids), -1, 64).max(-1)
-    assert (err <= step + 1e-6).all()
+    assert_within_quantization_bound(got, table[ids], bits)
+
+
+def assert_within_quantization_bound(got: np.ndarray, table: np.ndarray, bits: int, group: int = 64):
+    # per group the step is (max - min) / (2^bits - 1); MLX shifts its grid so that 0 is
+    # exact, so the bound is one step, not half (measured up to 0.86 step at 8 bits)
+    groups = table.reshape(len(table), -1, group)
+    step = (groups.max(-1) - groups.min(-1)) / (2**bits - 1)
+    err = np.abs(got - table).reshape(len(table), -1, group).max(-1)
+    assert (err <= step * (1 + 1e-3) + 1e-6).all()
 
 
 def test_model_holds_no_ple_parameters(tiny_hf):
@@ -108,6 +113,15 @@ def test_converted_ple_is_its_own_quantized_file(tiny_hf, tmp_path):
     }
     ple = load_model(out).language_model.ple_table
     assert ple.quantized and ple.bits == 8 and ple.weight.dtype == mx.uint32
+
+
+def test_converted_4bit_ple_matches_the_hf_table(tiny_hf, tmp_path):
+    out = convert(tiny_hf[0], tmp_path / "q4", dtype="float32", quantize=True, q_bits=4, q_group_size=32, q_ple_bits=4)
+    ple = load_model(out).language_model.ple_table
+    assert ple.quantized and ple.bits == 4
+    table = tiny_hf[1].model.language_model.embed_tokens_per_layer.weight.detach().numpy()
+    ids = np.arange(0, table.shape[0], 7)
+    assert_within_quantization_bound(np.array(ple(mx.array(ids))), table[ids], bits=4, group=ple.group_size)
 
 
 def test_towers_load_only_when_used(tiny_hf):
