@@ -5,7 +5,8 @@ a random-weight HF checkpoint with the real names and shapes (bench/make_checkpo
 converts it at 4-bit with our converter and with mlx-vlm's, and measures every configuration
 in a fresh subprocess (bench/worker.py) so that each peak RSS is clean:
 
-  variants  4bit  ours: `python -m convert -q` (4-bit decoder, 8-bit PLE file)
+  variants  4bit  ours: `python -m convert -q` (4-bit decoder, 8-bit PLE file, 8-bit audio
+                  tower linears, vision tower bf16)
                   mlx-vlm: its own `convert -q` of the same HF checkpoint (4-bit everything
                   it quantizes, towers left in bf16)
             bf16  both loaders read the bf16 HF checkpoint directly (no converted copy: disk)
@@ -351,7 +352,8 @@ def main(argv=None) -> None:
     print(f"# mlx-gemma3n memory benchmark ({stamp})\n# backend: {m['backend']}, mlx {m['versions']['mlx']}, "
           f"mlx-vlm {m['versions']['mlx-vlm']}, mlx-lm {m['versions']['mlx-lm']}\n# machine: {m['cpu']}, "
           f"{m['cores']} cores, {(m['ram_bytes'] or 0) / GB:.1f} GB RAM; LD_PRELOAD OpenBLAS: "
-          f"{'ON' if openblas else 'off'}\n# dtypes: 4bit = ours 4-bit decoder + 8-bit PLE file, towers bf16; "
+          f"{'ON' if openblas else 'off'}\n# dtypes: 4bit = ours 4-bit decoder + 8-bit PLE file + 8-bit audio "
+          "tower linears, vision tower bf16; "
           f"mlx-vlm 4-bit via its own converter. bf16 = both read the bf16 HF checkpoint directly.\n"
           f"# prompt {args.prompt} + {args.gen} generated (spec 512+128), 2K point {args.ctx_prompt}+{args.ctx_gen}; "
           f"weights random, prompts random ids; per-run timeout {args.timeout:.0f}s\n", flush=True)

@@ -60,10 +60,15 @@ class FileTensor:
         return out.view(self.dtype) if self.dtype == mx.bfloat16 else out
 
     def _read(self, start: int, count: int) -> np.ndarray:
-        nbytes = count * self.row_bytes
-        data = os.pread(self._handle.fileno(), nbytes, self.offset + start * self.row_bytes)
-        if len(data) != nbytes:
-            raise ValueError(f"{self.file} is truncated: rows {start}..{start + count} run past the end")
+        nbytes, position = count * self.row_bytes, self.offset + start * self.row_bytes
+        parts, got = [], 0
+        while got < nbytes:  # a read may return less (Linux caps one at ~2 GB)
+            data = os.pread(self._handle.fileno(), nbytes - got, position + got)
+            if not data:
+                raise ValueError(f"{self.file} is truncated: rows {start}..{start + count} run past the end")
+            parts.append(data)
+            got += len(data)
+        data = b"".join(parts)  # no copy for a single part
         return np.frombuffer(data, self.storage).reshape(count, *self.shape[1:])
 
 
