@@ -288,7 +288,9 @@ def table(results: list) -> str:
                 f"{(r.get('end_rss_anon_mib') or 0) * MiB / GB:>6.2f}/{(r.get('end_rss_file_mib') or 0) * MiB / GB:<6.2f}  {note}"
             )
         o, v = pair.get("ours"), pair.get("mlx-vlm")
-        if o and v and o.get("peak_rss_mib") and v.get("peak_rss_mib") and o.get("ready_s") and v.get("ready_s"):
+        if o and v and not (o.get("ok") and v.get("ok")):
+            lines.append(f"{'':<5} {'':<30} {'ratio':<8} none: a run did not finish")
+        elif o and v and o.get("peak_rss_mib") and v.get("peak_rss_mib") and o.get("ready_s") and v.get("ready_s"):
             rss = o["peak_rss_mib"] / v["peak_rss_mib"]
             mlx = o["mlx_peak_mib"] / v["mlx_peak_mib"] if v["mlx_peak_mib"] else float("nan")
             load = o["ready_s"] / v["ready_s"] if v["ready_s"] else float("nan")
