@@ -78,10 +78,10 @@ def build_prompt(config: dict, length: int, mode: str, seed: int = 0) -> np.ndar
     return ids
 
 
-def encode_only_length(config: dict, mode: str) -> int:
-    """Length of a prompt that holds one image/audio block and a little text."""
+def block_prompt(config: dict, mode: str) -> np.ndarray:
+    """A prompt that holds one image/audio block and a little text (for --encode-only)."""
     key, default = ("vision_soft_tokens_per_image", 256) if mode == "vision" else ("audio_soft_tokens_per_image", 188)
-    return config.get(key, default) + 10
+    return build_prompt(config, config.get(key, default) + 10, mode)
 
 
 def image_input(size: int = IMAGE_SIZE, seed: int = 0) -> mx.array:
@@ -130,12 +130,7 @@ def run_ours(args, result: dict) -> None:
         t_req = time.perf_counter()
     if args.mode == "vision":
         pixels = image_input(args.image_size)
-        if hasattr(model, "encode_images"):
-            feats = model.encode_images(pixels)
-        else:
-            model.require("embed_vision", "vision_tower")
-            f = model.vision_tower(pixels) * config["vision_config"].get("hidden_size", 2048) ** 0.5
-            feats = model.embed_vision.embed_soft(f).reshape(-1, config["text_config"]["hidden_size"])
+        feats = model.encode_images(pixels)
         mx.eval(feats)
         kwargs["image_features"] = feats
     elif args.mode == "audio":
@@ -146,17 +141,11 @@ def run_ours(args, result: dict) -> None:
             model.require("embed_audio", "audio_tower")
             model.audio_tower.set_dtype(mx.float32)
             model.embed_audio.set_dtype(mx.float32)
-        if hasattr(model, "encode_audio"):
-            enc = model.encode_audio(feats, valid)
-        else:
-            model.require("embed_audio", "audio_tower")
-            x, _ = model.audio_tower(feats, ~valid)
-            enc = model.embed_audio.embed_soft(x).reshape(-1, config["text_config"]["hidden_size"])
+        enc = model.encode_audio(feats, valid)
         mx.eval(enc)
         kwargs["audio_features"] = enc
     if kwargs and args.encode_only:
-        block = build_prompt(config, encode_only_length(config, args.mode), args.mode)
-        mx.eval(model.embed_inputs(mx.array(block)[None], **kwargs))
+        mx.eval(model.embed_inputs(mx.array(block_prompt(config, args.mode))[None], **kwargs))
         kwargs = {}
     if args.mode in ("vision", "audio"):
         result["encode_s"] = time.perf_counter() - t_req
@@ -194,8 +183,7 @@ def run_mlx_vlm(args, result: dict) -> None:
         feats, valid = audio_input()
         kwargs = {"input_features": feats, "input_features_mask": valid}
     if args.encode_only and args.mode in ("vision", "audio"):
-        block = build_prompt(config, encode_only_length(config, args.mode), args.mode)
-        embedded = model.get_input_embeddings(mx.array(block)[None], pixels, **kwargs)
+        embedded = model.get_input_embeddings(mx.array(block_prompt(config, args.mode))[None], pixels, **kwargs)
         mx.eval(embedded.inputs_embeds, embedded.per_layer_inputs)
         del embedded
         pixels, kwargs = None, {}
