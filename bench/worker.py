@@ -1,7 +1,7 @@
 """One memory/latency measurement in a fresh process (run by bench/memory.py).
 
     python bench/worker.py --impl ours|mlx-vlm --model DIR --mode text|vision|audio \
-        --prompt 512 --gen 128 --out result.json
+        --prompt 512 --gen 128 --prefill-step 256 --out result.json
 
 Times: load (until the loader returns), ready (load + every loaded weight evaluated), time to
 first token (from the request: includes running the image/audio tower, and for us loading
@@ -237,7 +237,7 @@ def main(argv=None) -> None:
     p.add_argument("--mode", choices=("text", "towers", "vision", "audio"), default="text")
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--gen", type=int, default=128)
-    p.add_argument("--prefill-step", type=int, default=512)
+    p.add_argument("--prefill-step", type=int, required=True, help="tokens per prefill chunk, both implementations")
     p.add_argument("--image-size", type=int, default=IMAGE_SIZE)
     p.add_argument("--float32-tower", action="store_true", help="ours, audio: run the tower in float32")
     p.add_argument(
