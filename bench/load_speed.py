@@ -3,8 +3,9 @@
 Each measurement is a fresh process that imports the package, loads the model and then
 evaluates every weight it holds (what the first forward pass would otherwise read). Reported
 (medians): import time, the time until the loader returns, the time until the weights are
-resident ("ready", from the load call), and the bytes read (`rchar` of /proc/self/io). "cold" first drops the checkpoint files from the OS page
-cache (posix_fadvise DONTNEED), as after a reboot; "warm" reads them through once before.
+resident ("ready", from the load call), and the bytes read (`rchar` of /proc/self/io).
+"cold" first drops the checkpoint files from the OS page cache (posix_fadvise DONTNEED), as
+after a reboot; "warm" reads them through once before.
 
     python bench/load_speed.py --pair /work/bench-cache/E4B-ours-4bit /work/bench-cache/E4B-mlxvlm-4bit
 """
