@@ -208,6 +208,7 @@ def measure(shape, run, model_dir, env, args, logs: Path) -> dict:
            "--mode", run["mode"], "--prompt", str(run["prompt"]), "--gen", str(run["gen"]),
            "--prefill-step", str(args.prefill_step), "--image-size", str(args.image_size), "--out", str(out)]
     cmd += ["--encode-only"] if args.encode_only else []
+    cmd += ["--float32-text"] if args.float32_text else []
     print(f"[{shape}] {tag} ...", flush=True)
     rc, wall, child_peak, timed_out = run_child(cmd, env, args.timeout, logs / f"{tag}.log")
     result = dict(run, shape=shape, model_dir=str(model_dir), wall_s=wall, child_ru_maxrss_bytes=child_peak,
@@ -322,6 +323,8 @@ def main(argv=None) -> None:
     p.add_argument("--prefill-step", type=int, default=PREFILL_CHUNK, help="both implementations (our default)")
     p.add_argument("--encode-only", action="store_true",
                    help="audio/vision: run the tower on a full-size input, then generate from a text-only prompt")
+    p.add_argument("--float32-text", action="store_true",
+                   help="both: run the decoder in float32 (MLX-CPU's bfloat16 quantized matmul is ~8x slower)")
     p.add_argument("--image-size", type=int, default=768)
     p.add_argument("--timeout", type=float, default=1800, help="per subprocess, seconds")
     p.add_argument("--openblas", choices=("auto", "on", "off"), default="off",
@@ -357,6 +360,7 @@ def main(argv=None) -> None:
           f"{'ON' if openblas else 'off'}\n# dtypes: 4bit = ours 4-bit decoder + 8-bit PLE file + 8-bit audio "
           "tower linears, vision tower bf16; "
           f"mlx-vlm 4-bit via its own converter. bf16 = both read the bf16 HF checkpoint directly.\n"
+          f"# decoder activations: {'float32 (--float32-text)' if args.float32_text else 'as stored (bf16)'}\n"
           f"# prompt {args.prompt} + {args.gen} generated (spec 512+128), 2K point {args.ctx_prompt}+{args.ctx_gen}; "
           f"weights random, prompts random ids; per-run timeout {args.timeout:.0f}s\n", flush=True)
     t_all = time.perf_counter()

@@ -111,6 +111,8 @@ def run_ours(args, result: dict) -> None:
     t = time.perf_counter()
     model = load_model(Path(args.model))
     result["load_s"] = time.perf_counter() - t
+    if args.float32_text:
+        model.language_model.set_dtype(mx.float32)
     mx.eval(model.parameters())
     result["ready_s"] = time.perf_counter() - t
     result.update(snapshot("after_load"))
@@ -167,7 +169,11 @@ def run_mlx_vlm(args, result: dict) -> None:
     result.update(snapshot("after_import"))
     result["mlx_vlm_version"] = getattr(mlx_vlm, "__version__", "?")
     t = time.perf_counter()
-    model = load_model(Path(args.model), lazy=False)  # what mlx_vlm.load() does
+    # lazy=False is what mlx_vlm.load() does; cast before evaluating, as for ours.
+    model = load_model(Path(args.model), lazy=args.float32_text)
+    if args.float32_text:
+        model.language_model.set_dtype(mx.float32)
+        mx.eval(model.parameters())
     result["load_s"] = time.perf_counter() - t
     result["ready_s"] = result["load_s"]
     result.update(snapshot("after_load"))
@@ -241,6 +247,12 @@ def main(argv=None) -> None:
     p.add_argument("--image-size", type=int, default=IMAGE_SIZE)
     p.add_argument("--float32-tower", action="store_true", help="ours, audio: run the tower in float32")
     p.add_argument(
+        "--float32-text",
+        action="store_true",
+        help="both: cast the decoder's float parameters (norms, quantization scales) to float32 so that "
+        "it runs in float32, where MLX-CPU's quantized matmul is ~8x faster than in bfloat16",
+    )
+    p.add_argument(
         "--encode-only",
         action="store_true",
         help="vision/audio: run the tower and embed a prompt holding its block, then generate "
@@ -252,7 +264,7 @@ def main(argv=None) -> None:
     result = {
         "impl": args.impl, "model": args.model, "mode": args.mode, "prompt": args.prompt,
         "gen_requested": args.gen, "prefill_step": args.prefill_step, "encode_only": args.encode_only,
-        "float32_tower": args.float32_tower,
+        "float32_tower": args.float32_tower, "float32_text": args.float32_text,
         "image_size": args.image_size if args.mode == "vision" else None,
         "import_s": time.perf_counter() - T_START,
         "mlx_version": mx.__version__, "device": str(mx.default_device()),
