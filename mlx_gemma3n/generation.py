@@ -41,6 +41,8 @@ def prefill(
         return lm(inputs_embeds[:, start:end], per_layer, cache)
 
     last = inputs_embeds.shape[1] - 1
+    if last < 0:
+        raise ValueError("the prompt is empty: give at least one token")
     for start in range(0, last, chunk_size):
         run(start, min(start + chunk_size, last))
         mx.eval([c.state for c in cache])

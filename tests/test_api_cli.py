@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 
 import mlx_gemma3n
@@ -160,6 +161,13 @@ def test_prompt_longer_than_context(loaded):
     model, processor = loaded
     with pytest.raises(ValueError, match="exceeds the model's context"):
         list(mlx_gemma3n.stream_generate(model, processor, "the cat " * 1100, max_tokens=1))
+
+
+def test_empty_token_prompt_is_refused(loaded):
+    from mlx_gemma3n.generation import generate_step
+
+    with pytest.raises(ValueError, match="prompt is empty"):
+        next(generate_step(loaded[0], mx.array([], dtype=mx.int32)))
 
 
 def test_subprocess_user_error_has_no_traceback():
