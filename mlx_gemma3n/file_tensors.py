@@ -41,7 +41,8 @@ class FileTensor:
         self._handle = open(file, "rb")  # closed with the tensor
 
     def rows(self, ids: Union[np.ndarray, slice]) -> mx.array:
-        """Rows `ids` (an index array of any shape, or a slice) -> mx.array."""
+        """Rows `ids` (an index array of any shape, or a slice) -> mx.array. Each id is one
+        read: callers gathering repeated ids deduplicate first."""
         if isinstance(ids, slice):
             start, stop, step = ids.indices(self.shape[0])
             if step != 1:
@@ -51,11 +52,10 @@ class FileTensor:
             ids = np.asarray(ids)
             if ids.size and (ids.min() < 0 or ids.max() >= self.shape[0]):
                 raise IndexError(f"row ids must lie in [0, {self.shape[0]}) for {self.file}")
-            unique, inverse = np.unique(ids, return_inverse=True)
-            table = np.empty((unique.size, *self.shape[1:]), self.storage)
-            for j, i in enumerate(unique.tolist()):
-                table[j] = self._read(i, 1)[0]
-            picked = table[inverse.reshape(ids.shape)]
+            picked = np.empty((ids.size, *self.shape[1:]), self.storage)
+            for j, i in enumerate(ids.ravel().tolist()):
+                picked[j] = self._read(i, 1)[0]
+            picked = picked.reshape(*ids.shape, *self.shape[1:])
         out = mx.array(picked)
         return out.view(self.dtype) if self.dtype == mx.bfloat16 else out
 

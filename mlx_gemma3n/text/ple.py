@@ -59,8 +59,10 @@ class PerLayerEmbeddingTable:
         return cls(mapped["weight"], mapped["scales"], mapped["biases"], q["group_size"], q["bits"])
 
     def __call__(self, ids: mx.array) -> mx.array:
-        """Rows for `ids` (any shape) -> [*ids.shape, dims], dequantized."""
-        return self.rows(np.array(ids))
+        """Rows for `ids` (any shape) -> [*ids.shape, dims], dequantized. A repeated id is
+        read and dequantized once."""
+        unique, inverse = np.unique(np.array(ids), return_inverse=True)
+        return self.rows(unique)[mx.array(inverse.reshape(ids.shape))]
 
     def rows(self, ids: Union[np.ndarray, slice]) -> mx.array:
         w = self.weight.rows(ids)
