@@ -184,7 +184,8 @@ class metal_kernel:
     def _coverage(self, outs, dtypes):
         problems = []
         for b, d in zip(outs, dtypes):
-            for pattern, what in ((buffers.POISON, "never written (NaN poison left"),
+            for pattern, what in ((buffers.POISON, "never written (NaN poison left, or "
+                                                   "copied from an uninitialised variable"),
                                   (buffers.TG_POISON, "copied from uninitialised threadgroup "
                                                       "memory (its NaN poison")):
                 idx = b.holding(d, pattern)
