@@ -101,7 +101,8 @@ IDIOMS_SOURCE = """
     out[i * 8 + 4] = T(pos && !(x == zero) ? 1 : 0) + (-x);
     out[i * 8 + 5] = pos ? x : T(0.0f);
     out[i * 8 + 6] = simd_sum(x);
-    out[i * 8 + 7] = static_cast<T>(g);
+    out[i * 8 + 7] = static_cast<T>(g + (FLT_MAX > 1e38f && HALF_MAX == 65504.0h ? 0.0f : NAN)
+                                    + (M_PI_F - 3.14159265f) + (INFINITY > 0 ? 0.0f : 1.0f));
 """
 
 

@@ -2,6 +2,7 @@
 // Threads are fibers run by runtime.h; every call below that a simdgroup or threadgroup must
 // reach together is a synchronisation point there.
 #pragma once
+#include <cfloat>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -24,6 +25,12 @@ typedef unsigned short ushort;
 typedef unsigned char uchar;
 typedef _Float16 half;
 typedef half float16_t;
+// Metal's half literals (0.5h); C++ reserves suffixes without '_' but clang only warns.
+#pragma clang diagnostic push
+#pragma clang diagnostic ignored "-Wuser-defined-literals"
+constexpr half operator""h(long double x) { return half(x); }
+constexpr half operator""h(unsigned long long x) { return half(x); }
+#pragma clang diagnostic pop
 
 // ---- bfloat16: storage of the upper 16 bits of a float, rounded to nearest even; arithmetic
 // in float, as MLX's own bfloat16 struct does.
@@ -78,6 +85,25 @@ MXEXEC_BF_CMP(>=)
 MXEXEC_BF_CMP(==)
 MXEXEC_BF_CMP(!=)
 inline bfloat16_t operator-(bfloat16_t a) { return -bf2f(a); }
+
+// ---- Metal's math constants (FLT_MAX, INFINITY, NAN come from <cfloat>/<cmath>).
+#define MAXFLOAT FLT_MAX
+#define HALF_MAX 65504.0h
+#define HALF_MIN 6.103515625e-05h
+#define HALF_EPSILON 0.0009765625h
+#define M_E_F 2.71828182845904523536f
+#define M_LOG2E_F 1.44269504088896340736f
+#define M_LOG10E_F 0.434294481903251827651f
+#define M_LN2_F 0.693147180559945309417f
+#define M_LN10_F 2.30258509299404568402f
+#define M_PI_F 3.14159265358979323846f
+#define M_PI_2_F 1.57079632679489661923f
+#define M_PI_4_F 0.785398163397448309616f
+#define M_1_PI_F 0.318309886183790671538f
+#define M_2_PI_F 0.636619772367581343076f
+#define M_2_SQRTPI_F 1.12837916709551257390f
+#define M_SQRT2_F 1.41421356237309504880f
+#define M_SQRT1_2_F 0.707106781186547524401f
 
 // ---- vectors: clang ext vectors (swizzles, .xyzw / .rgba, elementwise arithmetic).
 #define MXEXEC_VEC(T, name)                                 \
