@@ -171,6 +171,17 @@ def test_grid_semantics_2d_partial_threadgroups():
     np.testing.assert_array_equal(np.array(tg), (xs // 4) * 10 + ys // 4)
 
 
+def test_cuda_geometry_runs_whole_threadgroups():
+    """Under MLX's cuda_kernel the edge block is whole: an unguarded body writes past the end."""
+    src = "out[thread_position_in_grid.x] = inp[0] + float(threads_per_threadgroup.x);"
+    kern = metal_kernel(name="test_geometry", input_names=["inp"], output_names=["out"], source=src)
+    launch = dict(inputs=[mx.zeros((1,))], grid=(40, 1, 1), threadgroup=(32, 1, 1),
+                  output_shapes=[(40,)], output_dtypes=[mx.float32])
+    np.testing.assert_array_equal(np.array(kern(**launch)[0]), [32] * 32 + [8] * 8)
+    with options(geometry="cuda"), pytest.raises(ExecutorError, match="'out'.*96 bytes past"):
+        kern(**launch)
+
+
 # ---- planted bugs ---------------------------------------------------------------------------
 
 def test_missing_barrier_is_caught():

@@ -33,7 +33,8 @@ __all__ = ["metal_kernel", "options", "collect", "run_all_schedules", "ExecutorE
 SCHEDULES = {"forward": 0, "reverse": 1, "shuffle": 2}
 MAX_THREADS_PER_THREADGROUP = 1024
 _options = {"schedule": "forward", "seed": 0, "check_coverage": True, "stack_kb": 64,
-            "timeout_s": 60}
+            "timeout_s": 60, "geometry": "metal"}
+GEOMETRIES = ("metal", "cuda")
 _collectors = []
 
 
@@ -44,12 +45,16 @@ class ExecutorError(AssertionError):
 @contextlib.contextmanager
 def options(**kw):
     """Temporarily set schedule ("forward"/"reverse"/"shuffle"), seed, check_coverage, stack_kb
-    (per thread) and timeout_s (per launch)."""
+    (per thread), timeout_s (per launch) and geometry: "metal" (partial threadgroups at the
+    grid's edge) or "cuda" (whole threadgroups, threads past the grid run too, as under
+    MLX's cuda_kernel)."""
     unknown = set(kw) - set(_options)
     if unknown:
         raise TypeError(f"metal executor options: unknown {sorted(unknown)}")
     if kw.get("schedule", "forward") not in SCHEDULES:
         raise ValueError(f"metal executor: schedule must be one of {list(SCHEDULES)}")
+    if kw.get("geometry", "metal") not in GEOMETRIES:
+        raise ValueError(f"metal executor: geometry must be one of {list(GEOMETRIES)}")
     saved = dict(_options)
     _options.update(kw)
     try:
@@ -174,9 +179,9 @@ class metal_kernel:
 
     def _launch(self, lib, args, grid, tpg):
         ptrs = (ctypes.c_void_p * max(len(args), 1))(*[a.pointer for a in args])
-        cfg = (ctypes.c_int64 * 10)(*grid, *tpg, SCHEDULES[_options["schedule"]],
+        cfg = (ctypes.c_int64 * 11)(*grid, *tpg, SCHEDULES[_options["schedule"]],
                                     int(_options["seed"]), int(_options["stack_kb"]) * 1024,
-                                    int(_options["timeout_s"]))
+                                    int(_options["timeout_s"]), _options["geometry"] == "cuda")
         err = ctypes.create_string_buffer(2048)
         if lib.mxexec_launch(ptrs, cfg, err, len(err)) != 0:
             _report([f"kernel {self.name}: {err.value.decode(errors='replace')}"])

@@ -441,7 +441,9 @@ inline int* threadgroup_order(unsigned count, int schedule) {
   return tgs;
 }
 
-inline void run_grid(uint3 grid, uint3 tpg, int schedule) {
+// whole_groups: CUDA's geometry (MLX's cuda_kernel launches ceil(grid / threadgroup) full
+// blocks), where threads past the grid run too; otherwise Metal's partial edge threadgroups.
+inline void run_grid(uint3 grid, uint3 tpg, int schedule, bool whole_groups) {
   uint3 ntg = {ceil_div(grid.x, tpg.x), ceil_div(grid.y, tpg.y), ceil_div(grid.z, tpg.z)};
   unsigned count = ntg.x * ntg.y * ntg.z;
   int* tgs = threadgroup_order(count, schedule);
@@ -451,6 +453,7 @@ inline void run_grid(uint3 grid, uint3 tpg, int schedule) {
     uint3 edge = grid - tg * tpg;  // threads left in each dimension: the last group is partial
     uint3 actual = {edge.x < tpg.x ? edge.x : tpg.x, edge.y < tpg.y ? edge.y : tpg.y,
                     edge.z < tpg.z ? edge.z : tpg.z};
+    if (whole_groups) actual = tpg;
     set_attrs(g_run, grid, tpg, tg, actual);
     poison_threadgroup_memory();
     run_threadgroup(schedule);
@@ -473,7 +476,7 @@ inline void report_signal(int sig, int timeout_s) {
 }
 
 // cfg: grid xyz, threadgroup xyz (already min'd with the grid, as MLX does), schedule, seed,
-// stack bytes per thread, timeout in seconds. Returns 0, or 1 with a message in `error`.
+// stack bytes per thread, timeout in seconds, whole (CUDA) threadgroups. Returns 0, or 1 with a message in `error`.
 // A crash or a hang inside the kernel comes back as an error, not a dead or stuck test process.
 inline int launch(EntryFn entry, void** bufs, const int64_t* cfg, char* error, size_t len) {
   static Run run;
@@ -508,7 +511,7 @@ inline int launch(EntryFn entry, void** bufs, const int64_t* cfg, char* error, s
     report_signal(sig, timeout_s);
   } else {
     setitimer(ITIMER_REAL, &timer, nullptr);
-    run_grid(grid, tpg, int(cfg[6]));
+    run_grid(grid, tpg, int(cfg[6]), cfg[10] != 0);
     setitimer(ITIMER_REAL, &off, nullptr);
   }
   for (int i = 0; i < 4; i++) sigaction(sigs[i], &old[i], nullptr);
