@@ -5,17 +5,18 @@
                 threadgroup=(tx, ty, tz), output_shapes=[...], output_dtypes=[...])
 
 The source MLX would generate (see source.py) is compiled with clang++ against a small Metal
-shim (shim.h) and run with every thread of a threadgroup as a fiber (runtime.h): barriers and
-simd collectives synchronise for real, threadgroup memory and outputs start as NaN, and every
-buffer sits between canaries. Executor-only controls:
+shim (shim.h) and run with every thread of a threadgroup as a fiber (scheduler.h): barriers
+and simd collectives (collectives.h) synchronise for real, threadgroup memory and outputs start
+as NaN, and every buffer sits between canaries (launch.h, buffers.py). Executor-only controls:
 
     with options(schedule="reverse"):  ...     # or "forward" (default), "shuffle" with seed=
     with options(check_coverage=False): ...    # allow outputs the kernel leaves unwritten
+    with options(geometry="cuda"): ...         # whole edge threadgroups, as MLX's cuda_kernel
     with collect() as diags: ...               # record problems in `diags` instead of raising
     outs = run_all_schedules(lambda: kern(...))  # raises unless every schedule agrees bit for bit
 
 Problems found (out-of-bounds writes, partial barriers, divergent simd collectives, unwritten
-outputs, crashes) raise ExecutorError unless collected.
+outputs, crashes, hangs) raise ExecutorError unless collected.
 """
 
 import contextlib
