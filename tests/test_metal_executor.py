@@ -225,6 +225,16 @@ def test_missing_barrier_is_caught():
         run(src % "")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_missing_barrier_in_reduction_is_caught(dtype):
+    src = RMS_SOURCE.replace("threadgroup_barrier(mem_flags::mem_threadgroup);", "")
+    assert src != RMS_SOURCE
+    x = mx.random.normal((3, 77), key=mx.random.key(1)).astype(dtype)
+    kern = rms_kernel(src)
+    with pytest.raises(ExecutorError, match="uninitialised threadgroup memory|differs between"):
+        run_all_schedules(lambda: run_rms(kern, x, mx.zeros((77,), dtype), 64))
+
+
 def test_off_by_one_index_is_caught():
     src = """
         uint i = thread_position_in_grid.x;
