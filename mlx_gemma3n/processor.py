@@ -10,7 +10,7 @@ A request is a list of chat messages in the transformers format::
 Images may be paths, PIL images or arrays; audio a path, or an `(array, sampling_rate)` pair.
 """
 
-import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Union
@@ -18,7 +18,8 @@ from typing import Any, Callable, List, Optional, Sequence, Union
 import numpy as np
 
 from .config import ModelConfig
-from .tokenizer import Tokenizer
+from .chat_template import ChatTemplate, read_chat_template
+from .tokenizer import Tokenizer, read_json_object, special_tokens
 
 Message = dict
 Prompt = Union[str, List[Message]]
@@ -51,20 +52,29 @@ class Processor:
     """Turns chat messages into `PromptInputs` with Gemma 3n's chat template. The image
     processor and audio feature extractor are created on first use."""
 
-    def __init__(self, tokenizer: Tokenizer, config: ModelConfig, preprocessor: Optional[dict] = None):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        config: ModelConfig,
+        preprocessor: Optional[dict] = None,
+        chat_template: Optional[ChatTemplate] = None,
+    ):
         self.tokenizer = tokenizer
         self.config = config
         self.preprocessor = preprocessor or {}
+        self.chat_template = chat_template  # None: the built-in Gemma 3n template
         self._image_processor = None
         self._feature_extractor = None
 
     @classmethod
     def from_pretrained(cls, path: Path, config: ModelConfig) -> "Processor":
-        pre = path / "preprocessor_config.json"
+        """The checkpoint's tokenizer, preprocessor settings and chat template, if it has one."""
+        source = read_chat_template(path)
         return cls(
-            Tokenizer(path / "tokenizer.model"),
+            Tokenizer.from_dir(path),
             config,
-            json.loads(pre.read_text()) if pre.is_file() else None,
+            _preprocessor_settings(path),
+            ChatTemplate(source, special_tokens(path)) if source is not None else None,
         )
 
     # -- template ---------------------------------------------------------------------------
@@ -75,25 +85,13 @@ class Processor:
         add_generation_prompt: bool = True,
         media: Optional[Callable[[dict], str]] = None,
     ) -> str:
-        """Gemma 3n's chat template, without the leading <bos> (added as an id). Each image or
-        audio item becomes what `media(item)` returns (by default one placeholder)."""
+        """The prompt text, without the leading <bos> (added as an id), by the checkpoint's
+        chat template or else the built-in Gemma 3n one. Each image or audio item becomes what
+        `media(item)` returns (by default one placeholder)."""
         media = media or (lambda item: PLACEHOLDERS[item["type"]])
-        messages = list(messages)
-        prefix = ""
-        if messages and messages[0]["role"] == "system":
-            prefix = _text_of(messages.pop(0)["content"]).strip() + "\n\n"
-        out = []
-        for i, message in enumerate(messages):
-            role = {"assistant": "model"}.get(message["role"], message["role"])
-            if role not in ("user", "model"):
-                raise ValueError(f"unsupported message role {message['role']!r}")
-            if (role == "user") != (i % 2 == 0):
-                raise ValueError("conversation roles must alternate user/assistant/user/...")
-            body = _content(message["content"], media)
-            out.append(f"<start_of_turn>{role}\n{prefix if i == 0 else ''}{body}<end_of_turn>\n")
-        if add_generation_prompt:
-            out.append("<start_of_turn>model\n")
-        return "".join(out)
+        if self.chat_template is None:
+            return _gemma_template(list(messages), add_generation_prompt, media)
+        return _checkpoint_template(self.chat_template, list(messages), add_generation_prompt, media)
 
     # -- inputs -----------------------------------------------------------------------------
 
@@ -159,6 +157,72 @@ class Processor:
 
             self._feature_extractor = AudioFeatureExtractor.from_dict(self.preprocessor)
         return self._feature_extractor
+
+
+def _preprocessor_settings(path: Path) -> dict:
+    """Image-processor and feature-extractor settings: preprocessor_config.json, or the blocks
+    of the processor_config.json that transformers 5 writes instead."""
+    pre = read_json_object(path / "preprocessor_config.json")
+    if pre:
+        return pre
+    processor = read_json_object(path / "processor_config.json")
+    blocks = [processor.get(k) for k in ("feature_extractor", "image_processor")]
+    return {k: v for block in blocks if isinstance(block, dict) for k, v in block.items()}
+
+
+def _gemma_template(messages: List[Message], add_generation_prompt: bool, media) -> str:
+    """Gemma 3n's chat template: the system prompt, as written, opens the first user turn."""
+    prefix = ""
+    if messages and messages[0]["role"] == "system":
+        prefix = _text_of(messages.pop(0)["content"]) + "\n\n"
+    out = []
+    for i, message in enumerate(messages):
+        role = {"assistant": "model"}.get(message["role"], message["role"])
+        if role not in ("user", "model"):
+            raise ValueError(f"unsupported message role {message['role']!r}")
+        if (role == "user") != (i % 2 == 0):
+            raise ValueError("conversation roles must alternate user/assistant/user/...")
+        body = _content(message["content"], media)
+        out.append(f"<start_of_turn>{role}\n{prefix if i == 0 else ''}{body}<end_of_turn>\n")
+    if add_generation_prompt:
+        out.append("<start_of_turn>model\n")
+    return "".join(out)
+
+
+def _checkpoint_template(template: ChatTemplate, messages: List[Message], add_generation_prompt: bool, media) -> str:
+    """Render with the checkpoint's template, which writes one placeholder per image/audio
+    item; each is then replaced by `media(item)`, in order."""
+    items, view = [], []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            # The template sees a media item by its type only: nothing to serialise or copy.
+            items += [c for c in content if _is_media(c)]
+            content = [{"type": c["type"]} if _is_media(c) else c for c in content]
+        view.append({**message, "content": content})
+    text = template.render(view, add_generation_prompt)
+    bos = template.tokens.get("bos_token")
+    return _fill_media(text[len(bos):] if bos and text.startswith(bos) else text, items, media)
+
+
+def _is_media(item) -> bool:
+    return isinstance(item, dict) and item.get("type") in PLACEHOLDERS
+
+
+def _fill_media(text: str, items: List[dict], media) -> str:
+    pieces = re.split(f"({IMAGE_PLACEHOLDER}|{AUDIO_PLACEHOLDER})", text)
+    queues = {kind: [c for c in items if c["type"] == kind] for kind in PLACEHOLDERS}
+    for kind, placeholder in PLACEHOLDERS.items():
+        written = pieces[1::2].count(placeholder)
+        if written != len(queues[kind]):
+            raise ValueError(
+                f"the checkpoint's chat template wrote {written} {kind} placeholder(s) "
+                f"for {len(queues[kind])} {kind} item(s)"
+            )
+    kinds = {placeholder: kind for kind, placeholder in PLACEHOLDERS.items()}
+    for i in range(1, len(pieces), 2):
+        pieces[i] = media(queues[kinds[pieces[i]]].pop(0))
+    return "".join(pieces)
 
 
 def _content(content, media: Callable[[dict], str]) -> str:
