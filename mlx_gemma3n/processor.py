@@ -93,6 +93,17 @@ class Processor:
             return _gemma_template(list(messages), add_generation_prompt, media)
         return _checkpoint_template(self.chat_template, list(messages), add_generation_prompt, media)
 
+    def model_turn_end(self) -> str:
+        """The text that closes a model turn in the chat template ("<end_of_turn>\\n" in
+        Gemma's): what the template writes after an assistant message."""
+        mark = "\ue000"  # a private-use character: no template trims or rewrites it
+        messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": mark}]
+        try:
+            text = self.render(messages, add_generation_prompt=False)
+        except ValueError:  # a template that wants another conversation shape
+            return "<end_of_turn>\n"
+        return text.rpartition(mark)[2] if mark in text else "<end_of_turn>\n"
+
     # -- inputs -----------------------------------------------------------------------------
 
     def __call__(

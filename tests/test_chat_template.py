@@ -144,3 +144,29 @@ def test_template_errors_are_named(tokenizer_dir, tmp_path):
     p = checkpoint(tokenizer_dir, tmp_path / "c", {"chat_template.jinja": drops_media})
     with pytest.raises(ValueError, match="wrote 0 image placeholder.*for 1 image item"):
         p([user_message("x", images=[np.zeros((8, 8, 3), np.uint8)])])
+
+
+PLAIN_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] if m['content'] is string else m['content'][-1]['text'] }}"
+    "\n\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def test_chat_session_closes_turns_as_the_template_does(tiny_hf, tokenizer_dir, tmp_path):
+    import mlx_gemma3n
+
+    assert checkpoint(tokenizer_dir, tmp_path / "plain").model_turn_end() == "<end_of_turn>\n"
+    gemma = checkpoint(tokenizer_dir, tmp_path / "gemma", {"chat_template.jinja": GEMMA3N_TEMPLATE})
+    assert gemma.model_turn_end() == "<end_of_turn>\n"
+
+    path = tmp_path / "ckpt"
+    shutil.copytree(tiny_hf[0], path)
+    (path / "chat_template.jinja").write_text(PLAIN_TEMPLATE)
+    model, processor = mlx_gemma3n.load(str(path))
+    assert processor.model_turn_end() == "\n\n"
+    chat = mlx_gemma3n.ChatSession(model, processor)
+    list(chat.send("hello", max_tokens=3))
+    first = len(chat.prompt_cache.tokens)
+    second = list(chat.send("the cat", max_tokens=3))
+    turn = chat.prompt_cache.tokens[first : -len(second)]
+    assert turn == processor.tokenizer.encode("\n\nuser: the cat\n\nassistant: ")
