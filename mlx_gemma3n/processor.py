@@ -49,8 +49,8 @@ def user_message(text: str, images: Sequence[Any] = (), audio: Sequence[Any] = (
 
 
 class Processor:
-    """Turns chat messages into `PromptInputs` with Gemma 3n's chat template. The image
-    processor and audio feature extractor are created on first use."""
+    """Turns chat messages into `PromptInputs` with the checkpoint's chat template (Gemma 3n's
+    when it has none). The image processor and audio feature extractor are created on first use."""
 
     def __init__(
         self,
