@@ -11,11 +11,8 @@ Tower-internal layouts (PyTorch vs MLX convolutions) are told apart by each towe
 
 from typing import Callable, Iterable, Optional
 
-_DECODER = {
-    "model.language_model.": "transformers or mlx-lm",
-    "language_model.model.": "mlx-vlm",
-    "language_model.": "mlx-gemma3n",
-}
+# Where the text decoder's tensors are: transformers/Google and mlx-lm, mlx-vlm, ours.
+_DECODER = ("model.language_model.", "language_model.model.", "language_model.")
 # Tied to embed_tokens in Gemma 3n; some exporters still write it.
 _LM_HEAD = ("lm_head.", "language_model.lm_head.")
 
@@ -29,13 +26,9 @@ def checkpoint_key(key: str) -> Optional[str]:
     return None if key.startswith(_LM_HEAD) else key
 
 
-def layout_name(keys: Iterable[str]) -> Optional[str]:
-    """Which layout the decoder's tensor names follow, or None if no supported one."""
-    keys = list(keys)
-    for prefix, name in _DECODER.items():
-        if any(k.startswith(prefix) for k in keys):
-            return name
-    return None
+def known_layout(keys: Iterable[str]) -> bool:
+    """Whether the tensor names follow one of the layouts above (the decoder is found)."""
+    return any(k.startswith(_DECODER) for k in keys)
 
 
 def unsupported_files(names: Iterable[str]) -> Optional[str]:

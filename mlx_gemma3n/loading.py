@@ -10,7 +10,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ModelConfig
-from .layouts import layout_name, quantization_lookup, unsupported_files
+from .layouts import known_layout, quantization_lookup, unsupported_files
 from .model import TOWERS, Gemma3n
 from .text.ple import NAME as PLE_NAME
 from .text.ple import PARTS as PLE_PARTS
@@ -121,9 +121,9 @@ def _load_module(module: nn.Module, weights: Dict[str, mx.array], quantization, 
     module.eval()
 
 
-def load_ple_table(files, config: ModelConfig) -> PerLayerEmbeddingTable:
+def load_ple_table(files, config: ModelConfig, quantization) -> PerLayerEmbeddingTable:
     try:
-        table = PerLayerEmbeddingTable.from_files(files, quantization_lookup(config.quantization)(PLE_NAME))
+        table = PerLayerEmbeddingTable.from_files(files, quantization(PLE_NAME))
     except (KeyError, ValueError) as e:
         raise CheckpointError(str(e).strip("'")) from None
     c = config.text_config
@@ -146,7 +146,7 @@ def load_model(path: Path, parts: Optional[Iterable[str]] = None, lazy: bool = T
     model = Gemma3n(config)
     files = weight_files(path)
     stored = read_weights(files)
-    if layout_name(stored) is None:
+    if not known_layout(stored):
         raise CheckpointError(
             f"{path} is not a Gemma 3n checkpoint layout this package reads (transformers, "
             f"mlx-lm, mlx-vlm or its own): tensor names such as {sorted(stored)[:3]}"
@@ -167,7 +167,7 @@ def load_model(path: Path, parts: Optional[Iterable[str]] = None, lazy: bool = T
         text.pop(f"embed_tokens_per_layer.{name}", None)  # mapped below, never loaded whole
     quantization = quantization_lookup(config.quantization)
     _load_module(model.language_model, text, quantization, "language_model")
-    model.language_model.ple_table = load_ple_table(files, config)
+    model.language_model.ple_table = load_ple_table(files, config, quantization)
 
     def load_part(part: str, module: nn.Module) -> None:
         found = by_part.get(part)

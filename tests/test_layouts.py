@@ -166,8 +166,10 @@ MEDIA = {
 
 
 def test_mlx_vlm_float32_matches_the_hf_source(converted, hf_loaded):
-    loaded = mlx_gemma3n.load(str(converted["mlx-vlm float32"]))
-    assert not (converted["mlx-vlm float32"] / "tokenizer.model").exists()  # read from tokenizer.json
+    path = converted["mlx-vlm float32"]
+    loaded = mlx_gemma3n.load(str(path))
+    assert not (path / "tokenizer.model").exists()  # read from tokenizer.json
+    assert loaded[0].language_model.ple_table.weight.file.parent == path  # row-read from its shard
     for kind, messages in MEDIA.items():
         ids, out = prompt_logits(loaded, messages)
         ref_ids, ref = prompt_logits(hf_loaded, messages)
@@ -186,6 +188,7 @@ def test_mlx_lm_float32_matches_the_hf_source_and_mlx_lm(converted, hf_loaded):
     path = converted["mlx-lm float32"]
     model, processor = loaded = mlx_gemma3n.load(str(path))
     assert processor.chat_template is not None and not (path / "tokenizer.model").exists()
+    assert model.language_model.ple_table.weight.file.parent == path
     assert processor(CHAT).token_ids == hf_loaded[1](CHAT).token_ids
     assert rel_err(np.array(model(TEXT_IDS)), np.array(hf_loaded[0](TEXT_IDS))) <= TOL
 
