@@ -6,52 +6,13 @@ import shutil
 
 import numpy as np
 import pytest
+from reference import GEMMA3N_TEMPLATE
 from transformers import AutoTokenizer
 
 from mlx_gemma3n.chat_template import ChatTemplateError
 from mlx_gemma3n.config import ModelConfig
 from mlx_gemma3n.processor import Processor, user_message
 from mlx_gemma3n.tiny import TINY_CONFIG, write_tiny_tokenizer
-
-# Gemma 3n's chat template, as the released checkpoints ship it: the system prompt, as written,
-# opens the first user turn; text is trimmed; one placeholder per image/audio item.
-GEMMA3N_TEMPLATE = """{{ bos_token }}
-{%- if messages[0]['role'] == 'system' -%}
-    {%- if messages[0]['content'] is string -%}
-        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}
-    {%- else -%}
-        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}
-    {%- endif -%}
-    {%- set loop_messages = messages[1:] -%}
-{%- else -%}
-    {%- set first_user_prefix = "" -%}
-    {%- set loop_messages = messages -%}
-{%- endif -%}
-{%- for message in loop_messages -%}
-    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
-        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
-    {%- endif -%}
-    {%- set role = "model" if message['role'] == 'assistant' else message['role'] -%}
-    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else "") }}
-    {%- if message['content'] is string -%}
-        {{ message['content'] | trim }}
-    {%- elif message['content'] is iterable -%}
-        {%- for item in message['content'] -%}
-            {%- if item['type'] == 'audio' -%}
-                {{ '<audio_soft_token>' }}
-            {%- elif item['type'] == 'image' -%}
-                {{ '<image_soft_token>' }}
-            {%- elif item['type'] == 'text' -%}
-                {{ item['text'] | trim }}
-            {%- endif -%}
-        {%- endfor -%}
-    {%- endif -%}
-    {{ '<end_of_turn>\\n' }}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-    {{ '<start_of_turn>model\\n' }}
-{%- endif -%}
-"""
 
 # A fine-tune's own format: different turn markers, the image after the text.
 CUSTOM_TEMPLATE = """{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] | upper }}:

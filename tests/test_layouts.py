@@ -23,8 +23,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from reference import build_hf_model, save_hf_checkpoint, to_transformers4_dialect
-from test_chat_template import GEMMA3N_TEMPLATE
+from reference import build_hf_model, save_hf_checkpoint, save_hf_processor, to_transformers4_dialect
 
 import mlx_gemma3n
 from convert import convert
@@ -43,24 +42,6 @@ def rel_err(out, ref) -> float:
     return float(np.abs(out - ref).max() / np.abs(ref).max())
 
 
-def write_processor(path: Path) -> None:
-    """The processor files a transformers-5 Gemma 3n checkpoint carries (what the converters
-    copy): tokenizer.json + tokenizer_config.json, processor_config.json, chat_template.jinja."""
-    from transformers import AutoTokenizer, Gemma3nAudioFeatureExtractor, Gemma3nProcessor, SiglipImageProcessor
-
-    config = json.loads((path / "tokenizer_config.json").read_text())
-    config["extra_special_tokens"] = {
-        "audio_token": "<audio_soft_token>", "boa_token": "<start_of_audio>", "eoa_token": "<end_of_audio>",
-        "image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
-    }
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
-    images = SiglipImageProcessor(size={"height": 256, "width": 256}, resample=2, do_normalize=False)
-    processor = Gemma3nProcessor(
-        Gemma3nAudioFeatureExtractor(), images, AutoTokenizer.from_pretrained(path), chat_template=GEMMA3N_TEMPLATE
-    )
-    processor.save_pretrained(path)
-
-
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     """The HF checkpoint (2025 dialect, BPE tokenizer.model + processor files)."""
@@ -72,7 +53,7 @@ def source(tmp_path_factory):
     shutil.rmtree(v5)
     del model
     gc.collect()
-    write_processor(path)
+    save_hf_processor(path, image_size=256)
     return path
 
 

@@ -26,7 +26,7 @@ print("TEMPLATE", processor.chat_template is not None, "tokenizers" in sys.modul
 def checkpoint(request, tiny_hf, tmp_path):
     if request.param == "tokenizer.model":
         return tiny_hf[0], "TEMPLATE False False", True
-    from test_chat_template import GEMMA3N_TEMPLATE
+    from reference import GEMMA3N_TEMPLATE
     from transformers import AutoTokenizer
 
     path = tmp_path / "ckpt"
