@@ -89,9 +89,24 @@ class Processor:
         chat template or else the built-in Gemma 3n one. Each image or audio item becomes what
         `media(item)` returns (by default one placeholder)."""
         media = media or (lambda item: PLACEHOLDERS[item["type"]])
-        if self.chat_template is None:
-            return _gemma_template(list(messages), add_generation_prompt, media)
-        return _checkpoint_template(self.chat_template, list(messages), add_generation_prompt, media)
+        if self.chat_template is not None:
+            return _checkpoint_template(self.chat_template, list(messages), add_generation_prompt, media)
+        messages = list(messages)
+        prefix = ""
+        if messages and messages[0]["role"] == "system":  # kept as written, as Gemma's template does
+            prefix = _text_of(messages.pop(0)["content"]) + "\n\n"
+        out = []
+        for i, message in enumerate(messages):
+            role = {"assistant": "model"}.get(message["role"], message["role"])
+            if role not in ("user", "model"):
+                raise ValueError(f"unsupported message role {message['role']!r}")
+            if (role == "user") != (i % 2 == 0):
+                raise ValueError("conversation roles must alternate user/assistant/user/...")
+            body = _content(message["content"], media)
+            out.append(f"<start_of_turn>{role}\n{prefix if i == 0 else ''}{body}<end_of_turn>\n")
+        if add_generation_prompt:
+            out.append("<start_of_turn>model\n")
+        return "".join(out)
 
     def model_turn_end(self) -> str:
         """The text that closes a model turn in the chat template ("<end_of_turn>\\n" in
@@ -179,25 +194,6 @@ def _preprocessor_settings(path: Path) -> dict:
     processor = read_json_object(path / "processor_config.json")
     blocks = [processor.get(k) for k in ("feature_extractor", "image_processor")]
     return {k: v for block in blocks if isinstance(block, dict) for k, v in block.items()}
-
-
-def _gemma_template(messages: List[Message], add_generation_prompt: bool, media) -> str:
-    """Gemma 3n's chat template: the system prompt, as written, opens the first user turn."""
-    prefix = ""
-    if messages and messages[0]["role"] == "system":
-        prefix = _text_of(messages.pop(0)["content"]) + "\n\n"
-    out = []
-    for i, message in enumerate(messages):
-        role = {"assistant": "model"}.get(message["role"], message["role"])
-        if role not in ("user", "model"):
-            raise ValueError(f"unsupported message role {message['role']!r}")
-        if (role == "user") != (i % 2 == 0):
-            raise ValueError("conversation roles must alternate user/assistant/user/...")
-        body = _content(message["content"], media)
-        out.append(f"<start_of_turn>{role}\n{prefix if i == 0 else ''}{body}<end_of_turn>\n")
-    if add_generation_prompt:
-        out.append("<start_of_turn>model\n")
-    return "".join(out)
 
 
 def _checkpoint_template(template: ChatTemplate, messages: List[Message], add_generation_prompt: bool, media) -> str:
