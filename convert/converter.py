@@ -10,7 +10,7 @@ from typing import Iterable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mlx_gemma3n.loading import load_model, resolve_model_path
 from mlx_gemma3n.model import tower_of
@@ -95,7 +95,30 @@ def _load(src: Path, drop: set):
     model.set_part_loader(None)
     for tower in drop:
         setattr(model.config, f"{tower}_config", None)
+    _dequantize(model)
     return model, parts
+
+
+def _dequantize(model) -> None:
+    """A quantized source (ours, mlx-vlm's or mlx-lm's) becomes the float model it computes
+    with, so that the options (dtype, -q) apply to every module as for an HF source."""
+    replaced = []
+    for path, module in model.named_modules():
+        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            weight = mx.dequantize(
+                module.weight, module.scales, module.get("biases"),
+                group_size=module.group_size, bits=module.bits, mode=module.mode,
+            )
+            if isinstance(module, nn.QuantizedEmbedding):
+                plain = nn.Embedding(*weight.shape)
+            else:
+                plain = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
+                if "bias" in module:
+                    plain.bias = module.bias
+            plain.weight = weight
+            replaced.append((path, plain))
+    model.update_modules(tree_unflatten(replaced))
+    model.config.quantization = None
 
 
 def _quantize(model, group_size: int, bits: int, audio_bits: int) -> None:

@@ -52,8 +52,6 @@ def _kept_layers(model: Gemma3n, skip: Sequence[int]) -> List[int]:
 def slice_model(model: Gemma3n, ffn_dims: Sequence[int] = (), skip_layers: Sequence[int] = ()) -> Gemma3n:
     """A new model holding the slice of `model`'s text decoder; its parts (towers) are moved
     over unchanged. KV-shared layers keep reading the same source layer's cache."""
-    if model.config.quantization:
-        raise SliceError("slice a float checkpoint: this one is already quantized")
     text = model.config.text_config
     dims = _per_layer_dims(ffn_dims, text.intermediate_size)
     kept = _kept_layers(model, skip_layers)

@@ -271,7 +271,15 @@ class ChatSession:
             messages.insert(0, {"role": "system", "content": self.system})
         inputs = self.processor(messages, add_bos=first)
         if not first:
-            # Close the model's last turn ("<end_of_turn>" may already be its final token).
-            closing = "\n" if self.prompt_cache.tokens[-1] in self.processor.tokenizer.eos_token_ids else "<end_of_turn>\n"
-            inputs.token_ids = self.processor.tokenizer.encode(closing) + inputs.token_ids
+            inputs.token_ids = self.processor.tokenizer.encode(self._closing()) + inputs.token_ids
         yield from stream_tokens(self.model, self.processor, inputs, self.prompt_cache, **kwargs)
+
+    def _closing(self) -> str:
+        """What closes the model's last turn, less what its final token already wrote (it
+        may have ended on "<end_of_turn>")."""
+        closing = self.processor.model_turn_end()
+        tokenizer = self.processor.tokenizer
+        if self.prompt_cache.tokens[-1] in tokenizer.eos_token_ids:
+            for end in filter(None, (tokenizer.decode([i]) for i in tokenizer.eos_token_ids)):
+                closing = closing.removeprefix(end)
+        return closing

@@ -12,7 +12,7 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Dict, Iterable, Tuple, Union
+from typing import Callable, Dict, Iterable, Optional, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
@@ -85,17 +85,23 @@ def read_header(file: Path) -> Tuple[dict, int]:
     return json.loads(header), 8 + n
 
 
-def find_tensors(files: Iterable[Path], names: Iterable[str]) -> Dict[str, FileTensor]:
-    """The tensors called `names`, wherever they are among `files`, for reading by row."""
+def find_tensors(
+    files: Iterable[Path], names: Iterable[str], rename: Callable[[str], Optional[str]] = lambda k: k
+) -> Dict[str, FileTensor]:
+    """The tensors whose stored name maps to one of `names` under `rename`, wherever they are
+    among `files`, for reading by row; keyed by the mapped name."""
     wanted, found = set(names), {}
     for file in files:
         header, data_start = read_header(file)
         size = Path(file).stat().st_size
-        for name in wanted & set(header):
-            info = header[name]
+        for stored in header:
+            name = rename(stored)
+            if name not in wanted:
+                continue
+            info = header[stored]
             begin, end = info["data_offsets"]
             if data_start + end > size:
-                raise ValueError(f"{file} is truncated: tensor {name} runs past the end")
+                raise ValueError(f"{file} is truncated: tensor {stored} runs past the end")
             found[name] = FileTensor(Path(file), info["dtype"], info["shape"], data_start + begin)
     return found
 

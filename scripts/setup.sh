@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv and installs mlx-gemma3n into it. `--test` adds the test-only references
-# (torch, torchvision, transformers, timm, NVRTC) and the system tools the tests use.
+# (torch, torchvision, transformers, timm, mlx-vlm, NVRTC) and the system tools the tests use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 with_tests=0
@@ -30,6 +30,10 @@ if [ $with_tests = 1 ]; then
         # MLX's CUDA device headers, for compiling the kernels' CUDA forms with NVRTC in tests.
         .venv/bin/python scripts/mlx_cuda_headers.py
     fi
+    # mlx-vlm's own converter makes mlx-community-layout checkpoints in the tests. Its declared
+    # requirements (opencv, datasets, fastapi, mlx-audio, ...) serve features the converter does
+    # not import; what it does import comes with the test extra.
+    .venv/bin/python -m pip install -q --no-deps "mlx-vlm==0.7.10"
 else
     .venv/bin/python -m pip install -q -e .
 fi
