@@ -1,0 +1,97 @@
+"""Shared pieces of the row kernels: one threadgroup per token row, its threads striding
+over the hidden dimension, row sums through simd_sum and a small threadgroup array."""
+
+from functools import lru_cache
+from typing import Sequence
+
+import mlx.core as mx
+
+# Every thread of a threadgroup sums its partials in the same order (simdgroup 0, 1, ...),
+# so all threads hold bit-identical sums whatever order the threads ran in.
+ROW_HEADER = r"""
+#ifndef DEVICE_FN
+#define DEVICE_FN inline
+#define TGMEM threadgroup
+#endif
+
+// Sums of K per-thread partials over the threadgroup (a multiple of 32 threads, at most
+// 1024); every thread gets the K totals back in v. scratch holds 32 * K floats.
+template <int K>
+DEVICE_FN void threadgroup_sums(thread float* v, TGMEM float* scratch, uint lane, uint simd,
+                                uint simds) {
+  for (int k = 0; k < K; ++k) {
+    v[k] = simd_sum(v[k]);
+  }
+  if (lane == 0) {
+    for (int k = 0; k < K; ++k) {
+      scratch[k * 32 + simd] = v[k];
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  for (int k = 0; k < K; ++k) {
+    float total = 0.0f;
+    for (uint s = 0; s < simds; ++s) {
+      total += scratch[k * 32 + s];
+    }
+    v[k] = total;
+  }
+  // scratch may be reused by the next call only once every thread has read it
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+}
+
+// AltUp router: tanh of the K router dot products of the RMS-normed row, scaled.
+template <int K>
+DEVICE_FN void router_tanh(thread float* dots, float sum_sq, float width, float eps,
+                           float scale) {
+  float inv = metal::rsqrt(sum_sq / width + eps) * scale;
+  for (int k = 0; k < K; ++k) {
+    dots[k] = metal::precise::tanh(dots[k] * inv);
+  }
+}
+"""
+
+# The preamble every row body starts with: its row, its lane and the simdgroup layout.
+ROW_PREAMBLE = """
+  const uint row = threadgroup_position_in_grid.x;
+  const uint tid = thread_position_in_threadgroup.x;
+  const uint threads = threads_per_threadgroup.x;
+  const uint lane = thread_index_in_simdgroup;
+  const uint simd = simdgroup_index_in_threadgroup;
+  const uint simds = (threads + 31) / 32;
+"""
+
+MAX_THREADS = 512
+
+
+def row_threads(width: int) -> int:
+    """Threads per row: enough for the width in multiples of 32, at most MAX_THREADS."""
+    return min(MAX_THREADS, -(-width // 32) * 32)
+
+
+@lru_cache(maxsize=64)
+def scalars(*values: float) -> mx.array:
+    """Float scalars for a kernel, as one small float32 input."""
+    return mx.array(values, dtype=mx.float32)
+
+
+def launch_rows(
+    kernel,
+    inputs: Sequence[mx.array],
+    template: list,
+    rows: int,
+    width: int,
+    output_shapes: Sequence[tuple],
+    dtype: mx.Dtype,
+) -> tuple:
+    """Launch one threadgroup per row; all outputs in `dtype`."""
+    threads = row_threads(width)
+    return tuple(
+        kernel(
+            inputs=list(inputs),
+            template=template,
+            grid=(threads * rows, 1, 1),
+            threadgroup=(threads, 1, 1),
+            output_shapes=list(output_shapes),
+            output_dtypes=[dtype] * len(output_shapes),
+        )
+    )
