@@ -27,7 +27,7 @@ SOURCE = (
     float f = static_cast<float>(f_row[d]);
     f_sq[0] += f * f;
   }
-  threadgroup_sums<1>(f_sq, scratch, lane, simd, simds);
+  THREADGROUP_SUMS(1, f_sq, scratch);
   const float f_inv = metal::rsqrt(f_sq[0] / D + eps);
 
   // h2 = h + RMSNorm(ffn_out) at d, in float
@@ -48,7 +48,7 @@ SOURCE = (
     }
     acc[N] += v * v;
   }
-  threadgroup_sums<N + 1>(acc, scratch, lane, simd, simds);
+  THREADGROUP_SUMS(N + 1, acc, scratch);
   router_tanh<N>(acc, acc[N], D, eps, 1.0f / D);
 
   float coef[N];
@@ -109,10 +109,12 @@ def launch(
     return corrected.reshape(predictions.shape), first.reshape(h.shape)
 
 
-def sample(dtype: mx.Dtype) -> tuple:
-    """A small ragged case for the self-check: 4 streams, 3 tokens, width 40."""
-    k = mx.random.split(mx.random.key(1), 8)
-    n, d, shape = 4, 40, (1, 3, 40)
+def sample(
+    dtype: mx.Dtype, rows=3, d=40, n=4, active=0, clip=0.5, scaled=True, seed=1
+) -> tuple:
+    """Random arguments; the defaults are the self-check's small ragged case."""
+    k = mx.random.split(mx.random.key(seed), 8)
+    shape = (1, rows, d)
 
     def norm_w(key):
         return (1 + 0.1 * mx.random.normal((d,), key=key)).astype(dtype)
@@ -127,9 +129,9 @@ def sample(dtype: mx.Dtype) -> tuple:
         mx.random.normal((n, n), key=k[6]).astype(dtype),
         norm_w(k[7]),
         1e-6,
-        0.5,
-        0,
-        True,
+        clip,
+        active,
+        scaled,
     )
 
 

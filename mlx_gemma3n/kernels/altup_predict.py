@@ -34,7 +34,7 @@ SOURCE = (
     }
     acc[N] += v * v;
   }
-  threadgroup_sums<N + 1>(acc, scratch, lane, simd, simds);
+  THREADGROUP_SUMS(N + 1, acc, scratch);
   router_tanh<N>(acc, acc[N], D, eps, 1.0f / D);
 
   // coef[j * N + i]: weight of stream i in prediction j
@@ -64,7 +64,7 @@ SOURCE = (
       }
     }
   }
-  threadgroup_sums<1>(sum_sq, scratch, lane, simd, simds);
+  THREADGROUP_SUMS(1, sum_sq, scratch);
 
   // the input norm reads the active prediction in float, recomputed rather than re-read
   float inv = metal::rsqrt(sum_sq[0] / D + eps);
@@ -117,19 +117,18 @@ def launch(kernel, streams, router_norm_w, router_w, pred_w, input_norm_w, eps, 
     return predictions.reshape(streams.shape), normed.reshape(streams.shape[1:])
 
 
-def sample(dtype: mx.Dtype) -> tuple:
-    """A small ragged case for the self-check: 4 streams, 3 tokens, width 40."""
-    k = mx.random.split(mx.random.key(0), 5)
-    n, d = 4, 40
+def sample(dtype: mx.Dtype, rows=3, d=40, n=4, active=0, clip=0.5, seed=0) -> tuple:
+    """Random arguments; the defaults are the self-check's small ragged case."""
+    k = mx.random.split(mx.random.key(seed), 5)
     return (
-        mx.random.normal((n, 1, 3, d), key=k[0]).astype(dtype),
+        mx.random.normal((n, 1, rows, d), key=k[0]).astype(dtype),
         (1 + 0.1 * mx.random.normal((d,), key=k[1])).astype(dtype),
         mx.random.normal((n, d), key=k[2]).astype(dtype),
         mx.random.normal((n * n, n), key=k[3]).astype(dtype),
         (1 + 0.1 * mx.random.normal((d,), key=k[4])).astype(dtype),
         1e-6,
-        0.5,
-        0,
+        clip,
+        active,
     )
 
 

@@ -25,7 +25,7 @@ SOURCE = (
     sq[0] += a * a;
     sq[1] += l * l;
   }
-  threadgroup_sums<2>(sq, scratch, lane, simd, simds);
+  THREADGROUP_SUMS(2, sq, scratch);
   const float a_inv = metal::rsqrt(sq[0] / D + eps);
   const float l_inv = metal::rsqrt(sq[1] / D + eps);
 
@@ -42,7 +42,7 @@ SOURCE = (
     h[row * D + d] = static_cast<T>(v);
     h_sq[0] += v * v;
   }
-  threadgroup_sums<1>(h_sq, scratch, lane, simd, simds);
+  THREADGROUP_SUMS(1, h_sq, scratch);
   const float h_inv = metal::rsqrt(h_sq[0] / D + eps);
   for (uint d = tid; d < D; d += threads) {
     h_normed[row * D + d] =
@@ -82,13 +82,13 @@ def launch(
     return h.reshape(attn.shape), h_normed.reshape(attn.shape)
 
 
-def sample(dtype: mx.Dtype) -> tuple:
-    """A small ragged case for the self-check: 4 streams, 3 tokens, width 40."""
-    k = mx.random.split(mx.random.key(2), 7)
-    attn, lr, normed = (mx.random.normal((1, 3, 40), key=key).astype(dtype) for key in k[:3])
-    predictions = mx.random.normal((4, 1, 3, 40), key=k[3]).astype(dtype)
-    norms = [(1 + 0.1 * mx.random.normal((40,), key=key)).astype(dtype) for key in k[4:]]
-    return (attn, lr, predictions, normed, *norms, 1e-6, 1)
+def sample(dtype: mx.Dtype, rows=3, d=40, n=4, active=1, seed=2) -> tuple:
+    """Random arguments; the defaults are the self-check's small ragged case."""
+    k = mx.random.split(mx.random.key(seed), 7)
+    attn, lr, normed = (mx.random.normal((1, rows, d), key=key).astype(dtype) for key in k[:3])
+    predictions = mx.random.normal((n, 1, rows, d), key=k[3]).astype(dtype)
+    norms = [(1 + 0.1 * mx.random.normal((d,), key=key)).astype(dtype) for key in k[4:]]
+    return (attn, lr, predictions, normed, *norms, 1e-6, active)
 
 
 attn_residual = FusedOp(

@@ -38,10 +38,11 @@ def launch(kernel, gate: mx.array, per_layer_input: mx.array):
     return (out.reshape(gate.shape),)
 
 
-def sample(dtype: mx.Dtype) -> tuple:
-    """A ragged case for the self-check: 300 elements, a partial last threadgroup."""
-    k = mx.random.split(mx.random.key(3), 2)
-    return tuple(3 * mx.random.normal((1, 3, 100), key=key).astype(dtype) for key in k)
+def sample(dtype: mx.Dtype, rows=3, p=100, seed=3) -> tuple:
+    """Random arguments; the defaults (300 elements: a partial last threadgroup) are the
+    self-check's case."""
+    k = mx.random.split(mx.random.key(seed), 2)
+    return tuple((3 * mx.random.normal((1, rows, p), key=key)).astype(dtype) for key in k)
 
 
 ple_gate = FusedOp(

@@ -19,7 +19,7 @@ SOURCE = (
     float p = static_cast<float>(p_row[d]);
     sq[0] += p * p;
   }
-  threadgroup_sums<1>(sq, scratch, lane, simd, simds);
+  THREADGROUP_SUMS(1, sq, scratch);
   const float inv = metal::rsqrt(sq[0] / D + eps);
   for (uint d = tid; d < D; d += threads) {
     float ple = static_cast<float>(p_row[d]) * inv * static_cast<float>(norm_w[d]);
@@ -53,13 +53,13 @@ def launch(kernel, corrected: mx.array, projected: mx.array, norm_w: mx.array, e
     return (streams.reshape(corrected.shape),)
 
 
-def sample(dtype: mx.Dtype) -> tuple:
-    """A small ragged case for the self-check: 4 streams, 3 tokens, width 40."""
-    k = mx.random.split(mx.random.key(4), 3)
+def sample(dtype: mx.Dtype, rows=3, d=40, n=4, seed=4) -> tuple:
+    """Random arguments; the defaults are the self-check's small ragged case."""
+    k = mx.random.split(mx.random.key(seed), 3)
     return (
-        mx.random.normal((4, 1, 3, 40), key=k[0]).astype(dtype),
-        mx.random.normal((1, 3, 40), key=k[1]).astype(dtype),
-        (1 + 0.1 * mx.random.normal((40,), key=k[2])).astype(dtype),
+        mx.random.normal((n, 1, rows, d), key=k[0]).astype(dtype),
+        mx.random.normal((1, rows, d), key=k[1]).astype(dtype),
+        (1 + 0.1 * mx.random.normal((d,), key=k[2])).astype(dtype),
         1e-6,
     )
 

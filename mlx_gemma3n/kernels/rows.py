@@ -11,33 +11,33 @@ import mlx.core as mx
 ROW_HEADER = r"""
 #ifndef DEVICE_FN
 #define DEVICE_FN inline
-#define TGMEM threadgroup
 #endif
 
-// Sums of K per-thread partials over the threadgroup (a multiple of 32 threads, at most
-// 1024); every thread gets the K totals back in v. scratch holds 32 * K floats.
-template <int K>
-DEVICE_FN void threadgroup_sums(thread float* v, TGMEM float* scratch, uint lane, uint simd,
-                                uint simds) {
-  for (int k = 0; k < K; ++k) {
-    v[k] = simd_sum(v[k]);
-  }
-  if (lane == 0) {
-    for (int k = 0; k < K; ++k) {
-      scratch[k * 32 + simd] = v[k];
-    }
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  for (int k = 0; k < K; ++k) {
-    float total = 0.0f;
-    for (uint s = 0; s < simds; ++s) {
-      total += scratch[k * 32 + s];
-    }
-    v[k] = total;
-  }
-  // scratch may be reused by the next call only once every thread has read it
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-}
+// Sums of the K per-thread partials v[0..K) over the threadgroup (a multiple of 32 threads,
+// at most 1024); every thread gets the totals back in v. scratch: a threadgroup float array
+// of 32 * K declared in the body (Metal allows threadgroup memory only there, hence a macro).
+// Needs the preamble's lane, simd and simds.
+#define THREADGROUP_SUMS(K, v, scratch)                                           \
+  do {                                                                            \
+    for (int k_ = 0; k_ < (K); ++k_) {                                            \
+      v[k_] = simd_sum(v[k_]);                                                    \
+    }                                                                             \
+    if (lane == 0) {                                                              \
+      for (int k_ = 0; k_ < (K); ++k_) {                                          \
+        scratch[k_ * 32 + simd] = v[k_];                                          \
+      }                                                                           \
+    }                                                                             \
+    threadgroup_barrier(mem_flags::mem_threadgroup);                              \
+    for (int k_ = 0; k_ < (K); ++k_) {                                            \
+      float total_ = 0.0f;                                                        \
+      for (uint s_ = 0; s_ < simds; ++s_) {                                       \
+        total_ += scratch[k_ * 32 + s_];                                          \
+      }                                                                           \
+      v[k_] = total_;                                                             \
+    }                                                                             \
+    /* scratch may be reused only once every thread has read it */                \
+    threadgroup_barrier(mem_flags::mem_threadgroup);                              \
+  } while (0)
 
 // AltUp router: tanh of the K router dot products of the RMS-normed row, scaled.
 template <int K>
