@@ -9,13 +9,28 @@ below its terms' size is held to the output's typical size, not to a precision f
 arithmetic cannot give it (its terms round at that size).
 """
 
+import pkgutil
+from importlib import import_module
+
 import mlx.core as mx
 import numpy as np
 from metal_executor import metal_kernel, run_all_schedules
 
+import mlx_gemma3n.kernels as kernels_pkg
+from mlx_gemma3n.kernels import FusedOp
+
 DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 _MANTISSA_BITS = {mx.float16: 10, mx.bfloat16: 7}
 _MIN_NORMAL = {mx.float16: 2.0**-14, mx.bfloat16: 2.0**-126}
+
+
+def all_kernels() -> list:
+    """Every FusedOp of the package, by name."""
+    found = {}
+    for info in pkgutil.iter_modules(kernels_pkg.__path__):
+        module = import_module(f"{kernels_pkg.__name__}.{info.name}")
+        found.update({v.name: v for v in vars(module).values() if isinstance(v, FusedOp)})
+    return [found[name] for name in sorted(found)]
 
 
 def ulp(dtype: mx.Dtype, x: np.ndarray) -> np.ndarray:

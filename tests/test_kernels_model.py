@@ -3,30 +3,20 @@ reference path (float32): the logits of every greedy decode step within
 max |kernels - reference| / max |reference| <= 1e-5, and the same tokens, from a 5-token
 prompt through three sliding windows of decode (the rotating caches wrap)."""
 
-import pkgutil
 import warnings
-from importlib import import_module
 
 import mlx.core as mx
 import numpy as np
+from kernel_check import all_kernels
 from metal_executor import metal_kernel
 
-import mlx_gemma3n.kernels as kernels_pkg
 from mlx_gemma3n.generation import prefill
-from mlx_gemma3n.kernels import FusedOp, use_factory
+from mlx_gemma3n.kernels import use_factory
 from mlx_gemma3n.loading import load_model
 
 TOL = 1e-5
 WINDOW = 8  # TINY_CONFIG sliding_window
 STEPS = 3 * WINDOW + 2
-
-
-def all_kernels() -> set:
-    names = set()
-    for info in pkgutil.iter_modules(kernels_pkg.__path__):
-        module = import_module(f"{kernels_pkg.__name__}.{info.name}")
-        names |= {v.name for v in vars(module).values() if isinstance(v, FusedOp)}
-    return names
 
 
 class RecordingFactory:
@@ -65,6 +55,6 @@ def test_whole_model_through_the_executor_matches_the_reference_path(tiny_hf):
         warnings.simplefilter("error")  # a failed self-check would warn
         fused = greedy_logits(model, ids)
 
-    assert factory.launched == all_kernels()
+    assert factory.launched == {op.name for op in all_kernels()}
     assert fused.argmax(-1).tolist() == reference.argmax(-1).tolist()
     assert np.abs(fused - reference).max() / np.abs(reference).max() <= TOL

@@ -15,18 +15,15 @@ from .rows import ROW_HEADER, ROW_PREAMBLE, launch_rows, scalars
 SOURCE = (
     ROW_PREAMBLE
     + r"""
-  const int rows = predictions_shape[1];
+  const uint rows = predictions_shape[1];
+  const uint D = predictions_shape[2];
   const float eps = params[0];
   const float clip = params[1];
   threadgroup float scratch[32 * (N + 1)];
   auto h_row = h + row * D;
   auto f_row = ffn_out + row * D;
 
-  float f_sq[1] = {0.0f};
-  for (uint d = tid; d < D; d += threads) {
-    float f = static_cast<float>(f_row[d]);
-    f_sq[0] += f * f;
-  }
+  float f_sq[1] = {sum_squares(f_row, tid, threads, D)};
   THREADGROUP_SUMS(1, f_sq, scratch);
   const float f_inv = metal::rsqrt(f_sq[0] / D + eps);
 
@@ -36,17 +33,9 @@ SOURCE = (
    static_cast<float>(f_row[d]) * f_inv * static_cast<float>(post_ffn_norm_w[d]))
 
   // router dot products of h2 (router norm weight folded in) and its sum of squares
-  float acc[N + 1];
-  for (int k = 0; k <= N; ++k) {
-    acc[k] = 0.0f;
-  }
+  float acc[N + 1] = {0.0f};
   for (uint d = tid; d < D; d += threads) {
-    float v = H2(d);
-    float u = v * static_cast<float>(router_norm_w[d]);
-    for (int k = 0; k < N; ++k) {
-      acc[k] += u * static_cast<float>(router_w[k * D + d]);
-    }
-    acc[N] += v * v;
+    router_accumulate<N>(acc, H2(d), router_norm_w, router_w, d, D);
   }
   THREADGROUP_SUMS(N + 1, acc, scratch);
   router_tanh<N>(acc, acc[N], D, eps, 1.0f / D);
@@ -100,7 +89,7 @@ def launch(
         kernel,
         [predictions.reshape(n, rows, d), h, ffn_out, post_ffn_norm_w, router_norm_w,
          router_w, corr_w, out_scale, scalars(eps, clip)],
-        [("T", predictions.dtype), ("N", n), ("A", active), ("D", d), ("SCALED", scaled)],
+        [("T", predictions.dtype), ("N", n), ("A", active), ("SCALED", scaled)],
         rows,
         d,
         [(n, rows, d), (rows, d)],

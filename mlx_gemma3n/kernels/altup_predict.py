@@ -15,24 +15,17 @@ from .rows import ROW_HEADER, ROW_PREAMBLE, launch_rows, scalars
 SOURCE = (
     ROW_PREAMBLE
     + r"""
-  const int rows = streams_shape[1];
+  const uint rows = streams_shape[1];
+  const uint D = streams_shape[2];
   const float eps = params[0];
   const float clip = params[1];
   threadgroup float scratch[32 * (N + 1)];
 
   // router dot products of the active stream (norm weight folded in) and its sum of squares
   auto x = streams + (A * rows + row) * D;
-  float acc[N + 1];
-  for (int k = 0; k <= N; ++k) {
-    acc[k] = 0.0f;
-  }
+  float acc[N + 1] = {0.0f};
   for (uint d = tid; d < D; d += threads) {
-    float v = static_cast<float>(x[d]);
-    float u = v * static_cast<float>(router_norm_w[d]);
-    for (int k = 0; k < N; ++k) {
-      acc[k] += u * static_cast<float>(router_w[k * D + d]);
-    }
-    acc[N] += v * v;
+    router_accumulate<N>(acc, static_cast<float>(x[d]), router_norm_w, router_w, d, D);
   }
   THREADGROUP_SUMS(N + 1, acc, scratch);
   router_tanh<N>(acc, acc[N], D, eps, 1.0f / D);
@@ -108,7 +101,7 @@ def launch(kernel, streams, router_norm_w, router_w, pred_w, input_norm_w, eps, 
         kernel,
         [streams.reshape(n, rows, d), router_norm_w, router_w, pred_w, input_norm_w,
          scalars(eps, clip)],
-        [("T", streams.dtype), ("N", n), ("A", active), ("D", d)],
+        [("T", streams.dtype), ("N", n), ("A", active)],
         rows,
         d,
         [(n, rows, d), (rows, d)],

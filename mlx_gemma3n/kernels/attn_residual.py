@@ -10,7 +10,8 @@ from .rows import ROW_HEADER, ROW_PREAMBLE, launch_rows, scalars
 SOURCE = (
     ROW_PREAMBLE
     + r"""
-  const int rows = predictions_shape[1];
+  const uint rows = predictions_shape[1];
+  const uint D = predictions_shape[2];
   const float eps = params[0];
   threadgroup float scratch[32 * 2];
   auto a_row = attn + row * D;
@@ -18,13 +19,7 @@ SOURCE = (
   auto x_row = predictions + (A * rows + row) * D;
   auto n_row = normed + row * D;
 
-  float sq[2] = {0.0f, 0.0f};
-  for (uint d = tid; d < D; d += threads) {
-    float a = static_cast<float>(a_row[d]);
-    float l = static_cast<float>(l_row[d]);
-    sq[0] += a * a;
-    sq[1] += l * l;
-  }
+  float sq[2] = {sum_squares(a_row, tid, threads, D), sum_squares(l_row, tid, threads, D)};
   THREADGROUP_SUMS(2, sq, scratch);
   const float a_inv = metal::rsqrt(sq[0] / D + eps);
   const float l_inv = metal::rsqrt(sq[1] / D + eps);
@@ -73,7 +68,7 @@ def launch(
         kernel,
         [attn, laurel_lr, predictions.reshape(-1, rows, d), normed, post_attn_norm_w,
          post_laurel_norm_w, pre_ffn_norm_w, scalars(eps)],
-        [("T", attn.dtype), ("A", active), ("D", d)],
+        [("T", attn.dtype), ("A", active)],
         rows,
         d,
         [(rows, d), (rows, d)],

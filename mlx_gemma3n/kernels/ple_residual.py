@@ -9,16 +9,13 @@ from .rows import ROW_HEADER, ROW_PREAMBLE, launch_rows, scalars
 SOURCE = (
     ROW_PREAMBLE
     + r"""
-  const int rows = corrected_shape[1];
+  const uint rows = corrected_shape[1];
+  const uint D = corrected_shape[2];
   const float eps = params[0];
   threadgroup float scratch[32];
   auto p_row = projected + row * D;
 
-  float sq[1] = {0.0f};
-  for (uint d = tid; d < D; d += threads) {
-    float p = static_cast<float>(p_row[d]);
-    sq[0] += p * p;
-  }
+  float sq[1] = {sum_squares(p_row, tid, threads, D)};
   THREADGROUP_SUMS(1, sq, scratch);
   const float inv = metal::rsqrt(sq[0] / D + eps);
   for (uint d = tid; d < D; d += threads) {
@@ -44,7 +41,7 @@ def launch(kernel, corrected: mx.array, projected: mx.array, norm_w: mx.array, e
     (streams,) = launch_rows(
         kernel,
         [corrected.reshape(n, rows, d), projected, norm_w, scalars(eps)],
-        [("T", corrected.dtype), ("N", n), ("D", d)],
+        [("T", corrected.dtype), ("N", n)],
         rows,
         d,
         [(n, rows, d)],

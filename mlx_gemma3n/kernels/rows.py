@@ -39,6 +39,29 @@ ROW_HEADER = r"""
     threadgroup_barrier(mem_flags::mem_threadgroup);                              \
   } while (0)
 
+// This thread's share of the sum of squares of a row of `width` elements.
+template <typename P>
+DEVICE_FN float sum_squares(P row, uint tid, uint threads, uint width) {
+  float total = 0.0f;
+  for (uint d = tid; d < width; d += threads) {
+    float v = static_cast<float>(row[d]);
+    total += v * v;
+  }
+  return total;
+}
+
+// Adds element d (value v) of a row to the AltUp router partials: acc[k] for the K router
+// rows (the router norm weight folded in), acc[K] the sum of squares.
+template <int K, typename P, typename Q>
+DEVICE_FN void router_accumulate(thread float* acc, float v, P norm_w, Q router_w, uint d,
+                                 uint width) {
+  float u = v * static_cast<float>(norm_w[d]);
+  for (int k = 0; k < K; ++k) {
+    acc[k] += u * static_cast<float>(router_w[k * width + d]);
+  }
+  acc[K] += v * v;
+}
+
 // AltUp router: tanh of the K router dot products of the RMS-normed row, scaled.
 template <int K>
 DEVICE_FN void router_tanh(thread float* dots, float sum_sq, float width, float eps,
