@@ -33,7 +33,9 @@ struct Attrs {
 };
 
 struct Fiber {
-  ucontext_t ctx;
+  ucontext_t ctx;  // only to enter the fiber the first time
+  jmp_buf jb;      // every later switch: _setjmp/_longjmp, which make no system call
+  bool started;
   State state;
   uint64_t site;  // call site of the barrier / collective it waits at
   int op;         // which collective
@@ -58,14 +60,14 @@ struct Run {
   int n;  // threads in the current threadgroup
   int current;
   ucontext_t sched;
+  jmp_buf sched_jb;
   char* error;
   size_t error_len;
   bool failed;
-  unsigned char* stacks;
-  size_t stack_size;
+  unsigned char* stacks;  // kept between launches; grown on demand
+  size_t stack_size, stacks_for;
   uint64_t rng;
   sigjmp_buf crash;
-  uint3 tg;
 };
 inline Run* g_run = nullptr;
 
@@ -96,12 +98,16 @@ __attribute__((format(printf, 1, 2))) inline void fail(const char* fmt, ...) {
   va_end(ap);
 }
 
+inline void to_scheduler() {
+  if (_setjmp(self().jb) == 0) _longjmp(g_run->sched_jb, 1);
+}
+
 inline void wait_here(State s, uint64_t site, int op) {
   Fiber& f = self();
   f.state = s;
   f.site = site;
   f.op = op;
-  swapcontext(&f.ctx, &g_run->sched);
+  to_scheduler();
 }
 
 inline uint64_t site_of(int line, int col) { return (uint64_t(line) << 20) | uint64_t(col); }
@@ -110,7 +116,18 @@ inline void fiber_main() {
   Fiber& f = self();
   g_run->entry(g_run->bufs, &f.attrs);
   self().state = DONE;
-  swapcontext(&self().ctx, &g_run->sched);
+  _longjmp(g_run->sched_jb, 1);
+}
+
+// Runs fiber i until it waits or exits. Not inlined: its frame must stay intact while the
+// fiber runs, since the fiber comes back by _longjmp into it.
+__attribute__((noinline)) inline void switch_to(int i) {
+  Fiber& f = g_run->fibers[i];
+  g_run->current = i;
+  if (_setjmp(g_run->sched_jb) != 0) return;
+  if (f.started) _longjmp(f.jb, 1);
+  f.started = true;
+  swapcontext(&g_run->sched, &f.ctx);
 }
 
 // Releases every simdgroup whose live lanes all wait at one collective; a simdgroup where only
@@ -177,9 +194,12 @@ inline void on_crash(int sig) { siglongjmp(g_run->crash, sig); }
 // Runs the current threadgroup to completion (or to the first error).
 inline void run_threadgroup(int schedule) {
   Run* r = g_run;
+  static ucontext_t proto;
+  getcontext(&proto);
   for (int i = 0; i < r->n; i++) {
     Fiber& f = r->fibers[i];
-    getcontext(&f.ctx);
+    f.ctx = proto;
+    f.started = false;
     f.ctx.uc_stack.ss_sp = r->stacks + size_t(i) * r->stack_size + 4096;  // page 0 guards
     f.ctx.uc_stack.ss_size = r->stack_size - 4096;
     f.ctx.uc_link = nullptr;
@@ -193,8 +213,7 @@ inline void run_threadgroup(int schedule) {
     for (int k = 0; k < r->n && !r->failed; k++) {
       if (r->fibers[idx[k]].state != RUNNABLE) continue;
       ran = true;
-      r->current = idx[k];
-      swapcontext(&r->sched, &r->fibers[idx[k]].ctx);
+      switch_to(idx[k]);
     }
     if (ran || r->failed) continue;
     if (release_simdgroups() || r->failed) continue;
@@ -341,8 +360,9 @@ inline void simdgroup_barrier(mem_flags = mem_flags::mem_none, MXEXEC_SITE) {
 }  // namespace metal
 
 // ---- the launch: every threadgroup of the grid, in schedule order ----------------------------
-extern "C" char __start_mxtg[] __attribute__((weak));
-extern "C" char __stop_mxtg[] __attribute__((weak));
+// The linker's bounds of this library's threadgroup section (absent if the kernel has none).
+extern "C" char __start_mxtg[] __attribute__((weak, visibility("hidden")));
+extern "C" char __stop_mxtg[] __attribute__((weak, visibility("hidden")));
 
 namespace mxexec {
 
@@ -391,6 +411,22 @@ inline void set_attrs(Run* r, uint3 grid, uint3 tpg, uint3 tg, uint3 actual) {
   }
 }
 
+// One stack per thread of a threadgroup, each above a PROT_NONE guard page.
+inline bool ensure_stacks(Run* r, unsigned threads, size_t stack_size) {
+  if (r->stacks && r->stack_size == stack_size && r->stacks_for >= threads) return true;
+  if (r->stacks) munmap(r->stacks, r->stack_size * r->stacks_for);
+  r->stacks = static_cast<unsigned char*>(mmap(nullptr, stack_size * threads,
+      PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+  if (r->stacks == MAP_FAILED) {
+    r->stacks = nullptr;
+    return false;
+  }
+  r->stack_size = stack_size;
+  r->stacks_for = threads;
+  for (unsigned i = 0; i < threads; i++) mprotect(r->stacks + i * stack_size, 4096, PROT_NONE);
+  return true;
+}
+
 // cfg: grid xyz, threadgroup xyz (already min'd with the grid, as MLX does), schedule, seed,
 // stack bytes per thread. Returns 0, or 1 with a message in `error`.
 inline int launch(EntryFn entry, void** bufs, const int64_t* cfg, char* error, size_t len) {
@@ -401,13 +437,10 @@ inline int launch(EntryFn entry, void** bufs, const int64_t* cfg, char* error, s
   uint3 grid = {unsigned(cfg[0]), unsigned(cfg[1]), unsigned(cfg[2])};
   uint3 tpg = {unsigned(cfg[3]), unsigned(cfg[4]), unsigned(cfg[5])};
   int schedule = int(cfg[6]);
-  unsigned threads = tpg.x * tpg.y * tpg.z;
-  r->stack_size = size_t(cfg[8]);
-  size_t bytes = r->stack_size * threads;
-  r->stacks = static_cast<unsigned char*>(
-      mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
-  if (r->stacks == MAP_FAILED) { snprintf(error, len, "cannot map fiber stacks"); return 1; }
-  for (unsigned i = 0; i < threads; i++) mprotect(r->stacks + i * r->stack_size, 4096, PROT_NONE);
+  if (!ensure_stacks(r, tpg.x * tpg.y * tpg.z, size_t(cfg[8]))) {
+    snprintf(error, len, "cannot map fiber stacks");
+    return 1;
+  }
   g_run = r;
 
   uint3 ntg = {ceil_div(grid.x, tpg.x), ceil_div(grid.y, tpg.y), ceil_div(grid.z, tpg.z)};
@@ -452,7 +485,6 @@ inline int launch(EntryFn entry, void** bufs, const int64_t* cfg, char* error, s
   sigaltstack(&old_alt, nullptr);
   free(alt.ss_sp);
   free(tgs);
-  munmap(r->stacks, bytes);
   g_run = nullptr;
   return r->failed ? 1 : 0;
 }
