@@ -10,6 +10,7 @@ import numpy as np
 from kernel_check import all_kernels
 from metal_executor import metal_kernel
 
+import mlx_gemma3n
 from mlx_gemma3n.generation import prefill
 from mlx_gemma3n.kernels import use_factory
 from mlx_gemma3n.loading import load_model
@@ -58,3 +59,13 @@ def test_whole_model_through_the_executor_matches_the_reference_path(tiny_hf):
     assert factory.launched == {op.name for op in all_kernels()}
     assert fused.argmax(-1).tolist() == reference.argmax(-1).tolist()
     assert np.abs(fused - reference).max() / np.abs(reference).max() <= TOL
+
+
+def test_load_with_kernels_off_takes_the_reference_path(tiny_hf):
+    model, _ = mlx_gemma3n.load(str(tiny_hf[0]), text_only=True, kernels=False)
+    ids = mx.array([[9, 8, 7]])
+    factory = RecordingFactory()
+    with use_factory(factory):
+        logits = model(ids[:, :1], model.make_cache())
+    assert not factory.launched
+    assert np.array_equal(np.array(logits), np.array(model(ids[:, :1])))
