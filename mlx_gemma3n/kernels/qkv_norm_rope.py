@@ -7,14 +7,18 @@ layers have no k/v: HKV = 0 and q is passed in the unused slots, which the body 
 """
 
 import math
+from functools import lru_cache
 
 import mlx.core as mx
+import numpy as np
 
 from .base import FusedOp
 
 # Rows 0..H-1 of a batch entry are q heads, then HKV k heads, then HKV v heads. RoPE pairs
-# element i with i + D/2 (non-traditional), at angle offset * base^(-i / (D/2)), with the
-# inverse frequency computed as mx.fast.rope does (exp2 of the scaled log2 base).
+# element i with i + D/2 (non-traditional), at angle offset * inv_freq[i]. The inverse
+# frequencies come in as data: at position 30000 one ulp of inv_freq moves the angle by
+# 2e-3 rad, so computing them in the body would make the result depend on each compiler's
+# exp2 rather than on the formula.
 SOURCE = """
     constexpr int R = H + 2 * HKV;
     constexpr int HALF = D / 2;
@@ -47,7 +51,7 @@ SOURCE = """
                             : static_cast<float>(k_weight[i + HALF]);
             float a = static_cast<float>(x[i]) * inv * w0;
             float c = static_cast<float>(x[i + HALF]) * inv * w1;
-            float theta = pos * metal::exp2(-(static_cast<float>(i) / HALF) * log2_base[0]);
+            float theta = pos * inv_freq[i];
             float cs = metal::precise::cos(theta);
             float sn = metal::precise::sin(theta);
             y[i] = static_cast<T>(a * cs - c * sn);
@@ -56,6 +60,15 @@ SOURCE = """
     }
 """
 
+
+
+@lru_cache(maxsize=None)
+def inverse_frequencies(rope_base: float, head_dim: int) -> mx.array:
+    """base^(-i / (D/2)) for i < D/2 in float32, as mx.fast.rope's Metal kernel computes it
+    (exp2 of the scaled log2 base)."""
+    half = head_dim // 2
+    i = np.arange(half, dtype=np.float32)
+    return mx.array(np.exp2(-(i / np.float32(half)) * np.float32(math.log2(rope_base))))
 
 
 def _heads(x: mx.array, n: int, head_dim: int) -> mx.array:
@@ -89,7 +102,7 @@ def launch(kernel, q, k, v, q_weight, k_weight, eps, rope_base, offset, n_heads,
     out = kernel(
         inputs=[q, q if k is None else k, q if v is None else v, q_weight,
                 q_weight if k_weight is None else k_weight,
-                mx.array([eps], mx.float32), mx.array([math.log2(rope_base)], mx.float32),
+                mx.array([eps], mx.float32), inverse_frequencies(rope_base, head_dim),
                 mx.array([offset], mx.int32)],
         template=[("T", q.dtype), ("D", head_dim), ("H", n_heads), ("HKV", nkv)],
         grid=(32, B * rows, 1),
@@ -117,7 +130,7 @@ def sample(dtype: mx.Dtype) -> tuple:
     )
 
 
-OP = FusedOp("qkv_norm_rope", ["q", "k", "v", "q_weight", "k_weight", "eps", "log2_base",
+OP = FusedOp("qkv_norm_rope", ["q", "k", "v", "q_weight", "k_weight", "eps", "inv_freq",
                                "offset"], ["out"], SOURCE, launch, reference, sample)
 
 
