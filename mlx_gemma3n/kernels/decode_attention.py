@@ -27,7 +27,8 @@ NEG = "-3.0e38f"
 # threadgroup memory one query head at a time (NSG * D floats).
 PARTIAL_SOURCE = f"""
     constexpr int E = (D + 31) / 32;
-    constexpr int H = HKV * G;
+    int HKV = keys_shape[1];
+    int H = HKV * G;
     uint lane = thread_index_in_simdgroup;
     uint sg = simdgroup_index_in_threadgroup;
     uint tid = thread_position_in_threadgroup.x;
@@ -224,7 +225,7 @@ def partial_launch(kernel, queries, keys, values, split_len, n_splits) -> tuple:
     return tuple(kernel(
         inputs=[queries, keys, values, mx.array([split_len, n_splits], mx.int32)],
         template=[("T", queries.dtype), ("O", o_type), ("D", D), ("G", H // hkv),
-                  ("HKV", hkv), ("NSG", NSG), ("FINAL", final)],
+                  ("NSG", NSG), ("FINAL", final)],
         grid=(32 * NSG, B * hkv, n_splits),
         threadgroup=(32 * NSG, 1, 1),
         output_shapes=[(B, H, n_splits, D), (B, H, n_splits, 2)],

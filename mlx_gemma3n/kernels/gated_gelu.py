@@ -15,8 +15,8 @@ import mlx.nn as nn
 
 from .base import FusedOp
 
-# One threadgroup per row of `gate` (row index threadgroup_position_in_grid.y), shared with
-# the sparse FFN kernel.
+# One threadgroup per row of `gate` ([rows, N]; row threadgroup_position_in_grid.y), shared
+# with the sparse FFN kernel.
 ROW_SETUP = """
     threadgroup float partial[32];
     uint tid = thread_position_in_threadgroup.x;
@@ -25,6 +25,7 @@ ROW_SETUP = """
     uint sg = simdgroup_index_in_threadgroup;
     uint nsg = (tpg + 31) / 32;
     uint row = threadgroup_position_in_grid.y;
+    uint N = gate_shape[1];
     const device T* g = gate + row * N;
     float cutoff = 0.0f;
 """
@@ -126,14 +127,16 @@ def launch(kernel, gate: mx.array, up: mx.array, std_multiplier: Optional[float]
     n = gate.shape[-1]
     rows = gate.size // n
     tg = row_threads(n)
-    return tuple(kernel(
-        inputs=[gate, up, mx.array([std_multiplier or 0.0], mx.float32)],
-        template=[("T", gate.dtype), ("N", n), ("SPARSE", std_multiplier is not None)],
+    out = kernel(
+        inputs=[gate.reshape(rows, n), up.reshape(rows, n),
+                mx.array([std_multiplier or 0.0], mx.float32)],
+        template=[("T", gate.dtype), ("SPARSE", std_multiplier is not None)],
         grid=(tg, rows, 1),
         threadgroup=(tg, 1, 1),
-        output_shapes=[gate.shape],
+        output_shapes=[(rows, n)],
         output_dtypes=[gate.dtype],
-    ))
+    )[0]
+    return (out.reshape(gate.shape),)
 
 
 def sample(dtype: mx.Dtype) -> tuple:

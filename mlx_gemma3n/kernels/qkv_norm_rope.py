@@ -19,9 +19,14 @@ from .base import FusedOp
 # frequencies come in as data: at position 30000 one ulp of inv_freq moves the angle by
 # 2e-3 rad, so computing them in the body would make the result depend on each compiler's
 # exp2 rather than on the formula.
+# Sizes and the position come in `meta` (offset, H, HKV, D): one compiled kernel per dtype.
 SOURCE = """
-    constexpr int R = H + 2 * HKV;
-    constexpr int HALF = D / 2;
+    int pos_i = meta[0];
+    int H = meta[1];
+    int HKV = meta[2];
+    int D = meta[3];
+    int R = H + 2 * HKV;
+    int HALF = D / 2;
     uint lane = thread_index_in_simdgroup;
     uint row = threadgroup_position_in_grid.y;
     uint b = row / R;
@@ -44,7 +49,7 @@ SOURCE = """
             y[i] = static_cast<T>(static_cast<float>(x[i]) * inv);
         }
     } else {
-        float pos = static_cast<float>(offset[0]);
+        float pos = static_cast<float>(pos_i);
         for (int i = lane; i < HALF; i += 32) {
             float w0 = is_q ? static_cast<float>(q_weight[i]) : static_cast<float>(k_weight[i]);
             float w1 = is_q ? static_cast<float>(q_weight[i + HALF])
@@ -103,8 +108,8 @@ def launch(kernel, q, k, v, q_weight, k_weight, eps, rope_base, offset, n_heads,
         inputs=[q, q if k is None else k, q if v is None else v, q_weight,
                 q_weight if k_weight is None else k_weight,
                 mx.array([eps], mx.float32), inverse_frequencies(rope_base, head_dim),
-                mx.array([offset], mx.int32)],
-        template=[("T", q.dtype), ("D", head_dim), ("H", n_heads), ("HKV", nkv)],
+                mx.array([offset, n_heads, nkv, head_dim], mx.int32)],
+        template=[("T", q.dtype)],
         grid=(32, B * rows, 1),
         threadgroup=(32, 1, 1),
         output_shapes=[(B, rows, 1, head_dim)],
@@ -131,7 +136,7 @@ def sample(dtype: mx.Dtype) -> tuple:
 
 
 OP = FusedOp("qkv_norm_rope", ["q", "k", "v", "q_weight", "k_weight", "eps", "inv_freq",
-                               "offset"], ["out"], SOURCE, launch, reference, sample)
+                               "meta"], ["out"], SOURCE, launch, reference, sample)
 
 
 def qkv_norm_rope(q, k, v, q_weight, k_weight, eps, rope_base, offset, n_heads, n_kv_heads,

@@ -28,17 +28,20 @@ COLS = 256  # output columns per sparse_down threadgroup (8 per lane)
 
 # A quantized word holds PER values of one row, all in the same group (GS is a multiple
 # of PER); the weight of value t of the word is scale * q_t + bias.
+# Sizes come in `meta` (D, group size): one compiled kernel per dtype and bit width.
 QUANT = """
-    constexpr int PER = 32 / (BITS == 0 ? 32 : BITS);
+    uint D = meta[0];
+    uint GS = meta[1];
+    constexpr uint PER = 32 / (BITS == 0 ? 32 : BITS);
     constexpr uint MASK = BITS == 0 ? 0u : (1u << BITS) - 1u;
-    constexpr int WORDS = D / PER;
-    constexpr int GROUPS = BITS == 0 ? 1 : D / GS;
+    uint WORDS = D / PER;
+    uint GROUPS = D / GS;
 """
 
 UP_SOURCE = ROW_SETUP + CUTOFF + QUANT + f"""
     const device T* xr = x + row * D;
     uint first = threadgroup_position_in_grid.z * UNITS;
-    uint last = metal::min(first + UNITS, uint(N));
+    uint last = metal::min(first + UNITS, N);
     for (uint n = first + sg; n < last; n += nsg) {{
         float z = static_cast<float>(g[n]) - cutoff;
         float a = 0.0f;
@@ -72,6 +75,7 @@ UP_SOURCE = ROW_SETUP + CUTOFF + QUANT + f"""
 """
 
 DOWN_SOURCE = QUANT + """
+    uint N = act_shape[1];
     constexpr int CPL = COLS / 32;
     uint lane = thread_index_in_simdgroup;
     uint sg = simdgroup_index_in_threadgroup;
@@ -153,9 +157,9 @@ def up_launch(kernel, x, gate, up, std_multiplier) -> tuple:
     rows = x.size // D
     wq, scales, biases, wf, bits, group_size = _weight_inputs(up, x.dtype)
     return tuple(kernel(
-        inputs=[x, gate, wq, scales, biases, wf, mx.array([std_multiplier], mx.float32)],
-        template=[("T", x.dtype), ("N", N), ("D", D), ("BITS", bits), ("GS", group_size),
-                  ("UNITS", UNITS)],
+        inputs=[x.reshape(rows, D), gate.reshape(rows, N), wq, scales, biases, wf,
+                mx.array([std_multiplier], mx.float32), mx.array([D, group_size], mx.int32)],
+        template=[("T", x.dtype), ("BITS", bits), ("UNITS", UNITS)],
         grid=(32 * NSG, rows, -(-N // UNITS)),
         threadgroup=(32 * NSG, 1, 1),
         output_shapes=[(rows, N)],
@@ -169,12 +173,11 @@ def down_reference(x, act, down_t) -> tuple:
 
 
 def down_launch(kernel, x, act, down_t) -> tuple:
-    D, N = x.shape[-1], act.shape[-1]
+    D = x.shape[-1]
     wq, scales, biases, wf, bits, group_size = _weight_inputs(down_t, x.dtype)
     return tuple(kernel(
-        inputs=[act, wq, scales, biases, wf],
-        template=[("T", x.dtype), ("N", N), ("D", D), ("BITS", bits), ("GS", group_size),
-                  ("NSG", NSG), ("COLS", COLS)],
+        inputs=[act, wq, scales, biases, wf, mx.array([D, group_size], mx.int32)],
+        template=[("T", x.dtype), ("BITS", bits), ("NSG", NSG), ("COLS", COLS)],
         grid=(32 * NSG, act.shape[0], -(-D // COLS)),
         threadgroup=(32 * NSG, 1, 1),
         output_shapes=[x.shape],
@@ -212,9 +215,9 @@ def _down_sample(dtype: mx.Dtype) -> tuple:
     return x, up_reference(x, gate, up, 1.6448536)[0], down_t
 
 
-UP = FusedOp("sparse_up", ["x", "gate", *WEIGHTS, "std_multiplier"], ["act"], UP_SOURCE,
-             up_launch, up_reference, _up_sample)
-DOWN = FusedOp("sparse_down", ["act", *WEIGHTS], ["out"], DOWN_SOURCE, down_launch,
+UP = FusedOp("sparse_up", ["x", "gate", *WEIGHTS, "std_multiplier", "meta"], ["act"],
+             UP_SOURCE, up_launch, up_reference, _up_sample)
+DOWN = FusedOp("sparse_down", ["act", *WEIGHTS, "meta"], ["out"], DOWN_SOURCE, down_launch,
                down_reference, _down_sample)
 
 
