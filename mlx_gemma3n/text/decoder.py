@@ -30,6 +30,7 @@ class DecoderLayer(nn.Module):
             d,
             config.intermediate_size[layer_idx],
             config.activation_sparsity_pattern[layer_idx],
+            config.sparse_down_proj_transposed,
         )
         self.input_layernorm = RMSNorm(d, eps)
         self.post_attention_layernorm = RMSNorm(d, eps)
