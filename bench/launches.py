@@ -15,6 +15,7 @@ called with exactly the launch arguments the Metal kernels get.
 """
 
 import argparse
+import copy
 import re
 import sys
 import tempfile
@@ -87,7 +88,10 @@ class StandIns:
 
 
 def build(shape: str, bits: int, dtype: mx.Dtype) -> Gemma3n:
-    model = Gemma3n(ModelConfig.from_dict(PRESETS[shape]))
+    config = copy.deepcopy(PRESETS[shape])
+    # as the converter stores the sparse layers' down_proj (kernels/sparse_ffn.py reads it)
+    config["text_config"]["sparse_down_proj_transposed"] = True
+    model = Gemma3n(ModelConfig.from_dict(config))
     lm = model.language_model
     lm.update(tree_map(lambda a: a.astype(dtype), lm.parameters()))
     if bits:
