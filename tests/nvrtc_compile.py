@@ -33,14 +33,18 @@ CUDA_TYPES = {
     mx.uint64: "uint64_t", mx.float16: "__half", mx.bfloat16: "__nv_bfloat16",
     mx.float32: "float", mx.float64: "double", mx.complex64: "mlx::core::cu::complex64_t",
 }
-DEFAULT_HEADER = """
-#include "mlx/backend/cuda/device/utils.cuh"
-
-#include <cooperative_groups.h>
-
-#define inf cuda::std::numeric_limits<float>::infinity()
-
-"""
+# The text of MLX 0.32's cuda_kernel source builder, piece by piece (tests check each piece
+# against the strings of the libmlx.so it mirrors).
+DEFAULT_HEADER = '\n#include "mlx/backend/cuda/device/utils.cuh"\n\n#include <cooperative_groups.h>\n\n'
+OPEN = "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
+KERNEL = "__global__ void "
+SHAPE, STRIDES, NDIM = ("    const __grid_constant__ Shape ", "    const __grid_constant__ Strides ",
+                        "    const __grid_constant__ int ")
+CONST_INT, CONST_BOOL, USING = ("  constexpr int {} = {};\n", "  constexpr bool {} = {};\n",
+                                "  using {} = {};\n")
+CLOSE = "\n}\n\n} // namespace mlx::core::cu\n"
+PIECES = (DEFAULT_HEADER, OPEN, KERNEL, SHAPE, STRIDES, NDIM, CONST_INT, CONST_BOOL, USING, CLOSE,
+          "_shape,\n", "_strides,\n", "_ndim,\n", "custom_kernel_")
 
 
 class NvrtcError(RuntimeError):
@@ -72,31 +76,29 @@ def _template_hash(template):
 
 def _template_line(key, v):
     if isinstance(v, bool):
-        return f"  constexpr bool {key} = {'true' if v else 'false'};\n"
+        return CONST_BOOL.format(key, "true" if v else "false")
     if isinstance(v, int):
-        return f"  constexpr int {key} = {v};\n"
-    return f"  using {key} = {cuda_type(v)};\n"
+        return CONST_INT.format(key, v)
+    return USING.format(key, cuda_type(v))
 
 
 def build_source(name, input_names, output_names, source, header, template, input_dtypes,
                  input_ndims, output_dtypes):
     """(kernel name, translation unit) exactly as MLX's CUDA `build_kernel` writes them."""
     kernel_name = "custom_kernel_" + name + _template_hash(template)
-    text = DEFAULT_HEADER + header + "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
-    text += f"__global__ void {kernel_name}(\n"
+    text = DEFAULT_HEADER + header + OPEN + KERNEL + kernel_name + "(\n"
     for n, d, nd, (shape, strides, ndim) in zip(input_names, input_dtypes, input_ndims,
                                                   shape_infos(source, input_names)):
         text += f"    const {cuda_type(d)}* {n},\n"
         if nd > 0:
-            text += f"    const __grid_constant__ Shape {n}_shape,\n" if shape else ""
-            text += f"    const __grid_constant__ Strides {n}_strides,\n" if strides else ""
-            text += f"    const __grid_constant__ int {n}_ndim,\n" if ndim else ""
+            text += (SHAPE + n + "_shape,\n") if shape else ""
+            text += (STRIDES + n + "_strides,\n") if strides else ""
+            text += (NDIM + n + "_ndim,\n") if ndim else ""
     text += ",\n".join(f"    {cuda_type(d)}* {n}" for n, d in zip(output_names, output_dtypes))
     text += ") {\n"
     if template:
         text += "".join(_template_line(k, v) for k, v in template) + "\n"
-    text += source + "\n}\n\n} // namespace mlx::core::cu\n"
-    return kernel_name, text
+    return kernel_name, text + source + CLOSE
 
 
 def _site_dirs():
@@ -122,13 +124,19 @@ def nvrtc():
     return lib
 
 
+def mlx_cuda_jit_dir():
+    """What scripts/mlx_cuda_headers.py extracted from MLX's CUDA wheel (MLX_CUDA_JIT_DIR overrides)."""
+    jit = Path(os.environ.get("MLX_CUDA_JIT_DIR") or Path(sys.prefix) / "mlx-cuda-jit" / version("mlx"))
+    if not (jit / "custom_kernel_strings.json").is_file():
+        raise NvrtcError(f"MLX's CUDA headers are not in {jit}: run "
+                         "`python scripts/mlx_cuda_headers.py` (scripts/setup.sh --test does)")
+    return jit
+
+
 @functools.cache
 def include_dirs():
     """[CCCL from MLX's CUDA wheel, CUDA runtime headers] and MLX's device headers by name."""
-    jit = Path(os.environ.get("MLX_CUDA_JIT_DIR") or Path(sys.prefix) / "mlx-cuda-jit" / version("mlx"))
-    if not (jit / "headers").is_dir():
-        raise NvrtcError(f"MLX's CUDA headers are not in {jit}: run "
-                         "`python scripts/mlx_cuda_headers.py` (scripts/setup.sh --test does)")
+    jit = mlx_cuda_jit_dir()
     cuda = [Path(p).parent for d in _site_dirs()
             for p in glob.glob(str(d / "nvidia" / "*" / "include" / "cuda_fp16.h"))]
     if not cuda:

@@ -1,12 +1,13 @@
 """The NVRTC harness (tests/nvrtc_compile.py): MLX's cuda_kernel translation unit, compiled for
 sm_90 by a real CUDA compiler, with the compiler's log on errors."""
 
+import json
 import sys
 
 import mlx.core as mx
 import pytest
 
-from nvrtc_compile import NvrtcError, build_source, compile_cuda_kernel
+from nvrtc_compile import PIECES, NvrtcError, build_source, compile_cuda_kernel, mlx_cuda_jit_dir
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux",
                                 reason="pip ships NVRTC for Linux (and Windows) only")
@@ -17,6 +18,14 @@ BODY = """
   float v = static_cast<float>(inp[i]) * scale[0];
   out[i] = static_cast<T>(SQUARE ? v * v : v + N);
 """
+
+
+def test_builder_pieces_are_in_mlx_s_library():
+    """Each piece of text the harness writes is a string of the installed version's libmlx.so
+    (CUDA build), as extracted by scripts/mlx_cuda_headers.py."""
+    strings = json.loads((mlx_cuda_jit_dir() / "custom_kernel_strings.json").read_text())
+    for piece in PIECES:
+        assert any(s.endswith(piece) for s in strings), piece
 
 
 def test_translation_unit_is_mlx_s():
@@ -36,8 +45,7 @@ def test_translation_unit_is_mlx_s():
                  "  constexpr int N = 3;\n"
                  "  constexpr bool SQUARE = false;\n\n")
     assert text.startswith('\n#include "mlx/backend/cuda/device/utils.cuh"\n\n'
-                           "#include <cooperative_groups.h>\n\n"
-                           "#define inf cuda::std::numeric_limits<float>::infinity()\n\n" + signature)
+                           "#include <cooperative_groups.h>\n\n" + signature)
     assert text.endswith(BODY + "\n}\n\n} // namespace mlx::core::cu\n")
 
 
