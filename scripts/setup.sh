@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv and installs mlx-gemma3n into it. `--test` adds the test-only references
-# (torch, torchvision, transformers, timm) and the system libraries the tests use.
+# (torch, torchvision, transformers, timm, NVRTC) and the system tools the tests use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 with_tests=0
@@ -8,9 +8,10 @@ with_tests=0
 
 if [ "$(uname -s)" = "Linux" ] && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
     # OpenBLAS makes MLX-CPU float32 matmul ~40x faster (see scripts/test.sh); espeak-ng speaks
-    # the real-speech test clip.
+    # the real-speech test clip; clang-19 compiles Metal kernel sources for the CPU executor
+    # (tests/metal_executor; Debian's default clang 14 has no _Float16 on x86-64).
     pkgs="libopenblas0-pthread"
-    [ $with_tests = 1 ] && pkgs="$pkgs espeak-ng"
+    [ $with_tests = 1 ] && pkgs="$pkgs espeak-ng clang-19"
     missing=$(for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
     if [ -n "$missing" ]; then
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
@@ -25,6 +26,10 @@ if [ $with_tests = 1 ]; then
         .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
     fi
     .venv/bin/python -m pip install -q -e ".[test]"
+    if [ "$(uname -s)" = "Linux" ]; then
+        # MLX's CUDA device headers, for compiling the kernels' CUDA forms with NVRTC in tests.
+        .venv/bin/python scripts/mlx_cuda_headers.py
+    fi
 else
     .venv/bin/python -m pip install -q -e .
 fi

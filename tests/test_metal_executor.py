@@ -274,6 +274,18 @@ def test_wild_pointer_is_an_error_not_a_crash():
              output_shapes=[(1,)], output_dtypes=[mx.float32])
 
 
+def test_endless_loop_is_an_error_not_a_hang():
+    src = """
+        uint i = thread_position_in_grid.x;
+        for (uint k = i; k < 64; k += stride[0]) out[k % 2] = float(k);   // stride 0: endless
+    """
+    kern = metal_kernel(name="test_endless", input_names=["stride"], output_names=["out"], source=src)
+    with options(timeout_s=1), pytest.raises(ExecutorError, match=r"ran longer than 1 s, last in "
+                                                                  r"threadgroup \(0,0,0\) thread \(0,0,0\)"):
+        kern(inputs=[mx.array([0], mx.uint32)], grid=(2, 1, 1), threadgroup=(2, 1, 1),
+             output_shapes=[(2,)], output_dtypes=[mx.float32])
+
+
 def test_compile_error_reports_the_log():
     kern = metal_kernel(name="test_syntax", input_names=["inp"], output_names=["out"],
                         source="out[0] = inp[0] +;")

@@ -32,7 +32,8 @@ __all__ = ["metal_kernel", "options", "collect", "run_all_schedules", "ExecutorE
 
 SCHEDULES = {"forward": 0, "reverse": 1, "shuffle": 2}
 MAX_THREADS_PER_THREADGROUP = 1024
-_options = {"schedule": "forward", "seed": 0, "check_coverage": True, "stack_kb": 64}
+_options = {"schedule": "forward", "seed": 0, "check_coverage": True, "stack_kb": 64,
+            "timeout_s": 60}
 _collectors = []
 
 
@@ -42,7 +43,8 @@ class ExecutorError(AssertionError):
 
 @contextlib.contextmanager
 def options(**kw):
-    """Temporarily set schedule ("forward"/"reverse"/"shuffle"), seed, check_coverage, stack_kb."""
+    """Temporarily set schedule ("forward"/"reverse"/"shuffle"), seed, check_coverage, stack_kb
+    (per thread) and timeout_s (per launch)."""
     unknown = set(kw) - set(_options)
     if unknown:
         raise TypeError(f"metal executor options: unknown {sorted(unknown)}")
@@ -169,8 +171,9 @@ class metal_kernel:
 
     def _launch(self, lib, args, grid, tpg):
         ptrs = (ctypes.c_void_p * max(len(args), 1))(*[a.pointer for a in args])
-        cfg = (ctypes.c_int64 * 9)(*grid, *tpg, SCHEDULES[_options["schedule"]],
-                                   int(_options["seed"]), int(_options["stack_kb"]) * 1024)
+        cfg = (ctypes.c_int64 * 10)(*grid, *tpg, SCHEDULES[_options["schedule"]],
+                                    int(_options["seed"]), int(_options["stack_kb"]) * 1024,
+                                    int(_options["timeout_s"]))
         err = ctypes.create_string_buffer(2048)
         if lib.mxexec_launch(ptrs, cfg, err, len(err)) != 0:
             _report([f"kernel {self.name}: {err.value.decode(errors='replace')}"])

@@ -12,7 +12,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 # Newest first; _Float16 on x86-64 needs clang >= 15 (Debian's default `clang` 14 lacks it).
 CANDIDATES = [f"clang++-{v}" for v in range(22, 14, -1)] + ["clang++"]
-FLAGS = ["-std=c++20", "-O1", "-fPIC", "-shared", "-Wno-unknown-attributes",
+FLAGS = ["-std=c++20", "-O1", "-fPIC", "-fvisibility=hidden", "-Wno-unknown-attributes",
          # Metal rounds every half operation to half; clang would keep float intermediates.
          "-Xclang", "-ffloat16-excess-precision=none"]
 
@@ -65,13 +65,33 @@ def translation_unit(gen):
     return (f'#include "{HERE / "runtime.h"}"\n#line 1 "{gen.name}.metal"\n{source}\n'
             f'#line 1 "executor_entry.cpp"\n'
             f"static void mxexec_entry(void** b, const mxexec::Attrs* a) {{\n  {call};\n}}\n"
-            'extern "C" int mxexec_launch(void** b, const int64_t* cfg, char* err, size_t len) {\n'
+            'extern "C" __attribute__((visibility("default")))\n'
+            "int mxexec_launch(void** b, const int64_t* cfg, char* err, size_t len) {\n"
             "  return mxexec::launch(mxexec_entry, b, cfg, err, len);\n}\n")
 
 
-@functools.cache
 def _shim_digest():
-    return hashlib.sha256((HERE / "shim.h").read_bytes() + (HERE / "runtime.h").read_bytes()).hexdigest()
+    # Content and mtimes: clang refuses a precompiled header older than its sources.
+    parts = [(HERE / f).read_bytes() + str((HERE / f).stat().st_mtime_ns).encode()
+             for f in ("shim.h", "runtime.h")]
+    return hashlib.sha256(b"".join(parts)).hexdigest()
+
+
+def _compile(cmd, out, what):
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    done = subprocess.run([*cmd, "-o", str(tmp)], capture_output=True, text=True)
+    if done.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise CompileError(f"metal executor: clang++ rejected {what}:\n{done.stderr}")
+    os.replace(tmp, out)
+
+
+def _precompiled_runtime(cxx, key):
+    """runtime.h + shim.h precompiled once: they are ~half of every kernel's compile time."""
+    pch = cache_dir() / f"runtime-{key}.pch"
+    if not pch.exists():
+        _compile([cxx, *FLAGS, "-x", "c++-header", str(HERE / "runtime.h")], pch, "runtime.h")
+    return pch
 
 
 _loaded = {}
@@ -81,21 +101,17 @@ def load(gen):
     """The compiled kernel library for a generated source (compiling it once per content)."""
     cxx, version = compiler()
     tu = translation_unit(gen)
-    key = hashlib.sha256("\0".join([tu, _shim_digest(), version, *FLAGS]).encode()).hexdigest()[:24]
+    runtime_key = hashlib.sha256("\0".join([_shim_digest(), version, *FLAGS]).encode()).hexdigest()[:24]
+    key = hashlib.sha256(f"{tu}\0{runtime_key}".encode()).hexdigest()[:24]
     if key in _loaded:
         return _loaded[key]
-    d = cache_dir()
-    so = d / f"{gen.name[:80]}-{key}.so"
+    so = cache_dir() / f"{gen.name[:80]}-{key}.so"
     if not so.exists():
+        pch = _precompiled_runtime(cxx, runtime_key)
         cpp = so.with_suffix(".cpp")
         cpp.write_text(tu)
-        tmp = so.with_suffix(f".{os.getpid()}.tmp")
-        done = subprocess.run([cxx, *FLAGS, str(cpp), "-o", str(tmp)], capture_output=True, text=True)
-        if done.returncode != 0:
-            tmp.unlink(missing_ok=True)
-            raise CompileError(f"metal executor: clang++ rejected kernel {gen.name} "
-                               f"(source: {cpp}):\n{done.stderr}")
-        os.replace(tmp, so)
+        _compile([cxx, *FLAGS, "-shared", "-include-pch", str(pch), str(cpp)], so,
+                 f"kernel {gen.name} (source: {cpp})")
     lib = ctypes.CDLL(str(so))
     lib.mxexec_launch.restype = ctypes.c_int
     lib.mxexec_launch.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64),

@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <sys/mman.h>
+#include <sys/time.h>
 #include <ucontext.h>
 #include <unistd.h>
 
@@ -33,7 +34,9 @@ struct Attrs {
 };
 
 struct Fiber {
-  ucontext_t ctx;
+  ucontext_t ctx;  // only to enter the fiber the first time
+  jmp_buf jb;      // every later switch: _setjmp/_longjmp, which make no system call
+  bool started;
   State state;
   uint64_t site;  // call site of the barrier / collective it waits at
   int op;         // which collective
@@ -58,14 +61,14 @@ struct Run {
   int n;  // threads in the current threadgroup
   int current;
   ucontext_t sched;
+  jmp_buf sched_jb;
   char* error;
   size_t error_len;
   bool failed;
-  unsigned char* stacks;
-  size_t stack_size;
+  unsigned char* stacks;  // kept between launches; grown on demand
+  size_t stack_size, stacks_for;
   uint64_t rng;
   sigjmp_buf crash;
-  uint3 tg;
 };
 inline Run* g_run = nullptr;
 
@@ -96,12 +99,16 @@ __attribute__((format(printf, 1, 2))) inline void fail(const char* fmt, ...) {
   va_end(ap);
 }
 
+inline void to_scheduler() {
+  if (_setjmp(self().jb) == 0) _longjmp(g_run->sched_jb, 1);
+}
+
 inline void wait_here(State s, uint64_t site, int op) {
   Fiber& f = self();
   f.state = s;
   f.site = site;
   f.op = op;
-  swapcontext(&f.ctx, &g_run->sched);
+  to_scheduler();
 }
 
 inline uint64_t site_of(int line, int col) { return (uint64_t(line) << 20) | uint64_t(col); }
@@ -110,7 +117,18 @@ inline void fiber_main() {
   Fiber& f = self();
   g_run->entry(g_run->bufs, &f.attrs);
   self().state = DONE;
-  swapcontext(&self().ctx, &g_run->sched);
+  _longjmp(g_run->sched_jb, 1);
+}
+
+// Runs fiber i until it waits or exits. Not inlined: its frame must stay intact while the
+// fiber runs, since the fiber comes back by _longjmp into it.
+__attribute__((noinline)) inline void switch_to(int i) {
+  Fiber& f = g_run->fibers[i];
+  g_run->current = i;
+  if (_setjmp(g_run->sched_jb) != 0) return;
+  if (f.started) _longjmp(f.jb, 1);
+  f.started = true;
+  swapcontext(&g_run->sched, &f.ctx);
 }
 
 // Releases every simdgroup whose live lanes all wait at one collective; a simdgroup where only
@@ -177,9 +195,12 @@ inline void on_crash(int sig) { siglongjmp(g_run->crash, sig); }
 // Runs the current threadgroup to completion (or to the first error).
 inline void run_threadgroup(int schedule) {
   Run* r = g_run;
+  static ucontext_t proto;
+  getcontext(&proto);
   for (int i = 0; i < r->n; i++) {
     Fiber& f = r->fibers[i];
-    getcontext(&f.ctx);
+    f.ctx = proto;
+    f.started = false;
     f.ctx.uc_stack.ss_sp = r->stacks + size_t(i) * r->stack_size + 4096;  // page 0 guards
     f.ctx.uc_stack.ss_size = r->stack_size - 4096;
     f.ctx.uc_link = nullptr;
@@ -193,8 +214,7 @@ inline void run_threadgroup(int schedule) {
     for (int k = 0; k < r->n && !r->failed; k++) {
       if (r->fibers[idx[k]].state != RUNNABLE) continue;
       ran = true;
-      r->current = idx[k];
-      swapcontext(&r->sched, &r->fibers[idx[k]].ctx);
+      switch_to(idx[k]);
     }
     if (ran || r->failed) continue;
     if (release_simdgroups() || r->failed) continue;
@@ -341,8 +361,9 @@ inline void simdgroup_barrier(mem_flags = mem_flags::mem_none, MXEXEC_SITE) {
 }  // namespace metal
 
 // ---- the launch: every threadgroup of the grid, in schedule order ----------------------------
-extern "C" char __start_mxtg[] __attribute__((weak));
-extern "C" char __stop_mxtg[] __attribute__((weak));
+// The linker's bounds of this library's threadgroup section (absent if the kernel has none).
+extern "C" char __start_mxtg[] __attribute__((weak, visibility("hidden")));
+extern "C" char __stop_mxtg[] __attribute__((weak, visibility("hidden")));
 
 namespace mxexec {
 
@@ -391,8 +412,68 @@ inline void set_attrs(Run* r, uint3 grid, uint3 tpg, uint3 tg, uint3 actual) {
   }
 }
 
+// One stack per thread of a threadgroup, each above a PROT_NONE guard page.
+inline bool ensure_stacks(Run* r, unsigned threads, size_t stack_size) {
+  if (r->stacks && r->stack_size == stack_size && r->stacks_for >= threads) return true;
+  if (r->stacks) munmap(r->stacks, r->stack_size * r->stacks_for);
+  r->stacks = static_cast<unsigned char*>(mmap(nullptr, stack_size * threads,
+      PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+  if (r->stacks == MAP_FAILED) {
+    r->stacks = nullptr;
+    return false;
+  }
+  r->stack_size = stack_size;
+  r->stacks_for = threads;
+  for (unsigned i = 0; i < threads; i++) mprotect(r->stacks + i * stack_size, 4096, PROT_NONE);
+  return true;
+}
+
+// Threadgroup indices in the order the schedule runs them.
+inline int* threadgroup_order(unsigned count, int schedule) {
+  int* tgs = static_cast<int*>(malloc(sizeof(int) * count));
+  for (unsigned i = 0; i < count; i++) tgs[i] = schedule == REVERSE ? int(count - 1 - i) : int(i);
+  if (schedule == SHUFFLE)
+    for (unsigned i = count - 1; i > 0; i--) {
+      unsigned j = unsigned(next_rand(g_run) % (i + 1));
+      int t = tgs[i]; tgs[i] = tgs[j]; tgs[j] = t;
+    }
+  return tgs;
+}
+
+inline void run_grid(uint3 grid, uint3 tpg, int schedule) {
+  uint3 ntg = {ceil_div(grid.x, tpg.x), ceil_div(grid.y, tpg.y), ceil_div(grid.z, tpg.z)};
+  unsigned count = ntg.x * ntg.y * ntg.z;
+  int* tgs = threadgroup_order(count, schedule);
+  for (unsigned k = 0; k < count && !g_run->failed; k++) {
+    unsigned t = unsigned(tgs[k]);
+    uint3 tg = {t % ntg.x, (t / ntg.x) % ntg.y, t / (ntg.x * ntg.y)};
+    uint3 edge = grid - tg * tpg;  // threads left in each dimension: the last group is partial
+    uint3 actual = {edge.x < tpg.x ? edge.x : tpg.x, edge.y < tpg.y ? edge.y : tpg.y,
+                    edge.z < tpg.z ? edge.z : tpg.z};
+    set_attrs(g_run, grid, tpg, tg, actual);
+    poison_threadgroup_memory();
+    run_threadgroup(schedule);
+  }
+  free(tgs);
+}
+
+inline void report_signal(int sig, int timeout_s) {
+  char who[96];
+  describe(who, sizeof who, g_run->fibers[g_run->current]);
+  g_run->failed = false;
+  if (sig == SIGALRM)
+    fail("the kernel ran longer than %d s, last in %s (an endless loop, or a thread spinning on "
+         "memory another thread of its threadgroup writes, which needs a barrier)", timeout_s, who);
+  else if (sig == SIGFPE)
+    fail("arithmetic exception (integer division by zero) in %s", who);
+  else
+    fail("%s in %s: an access outside every buffer (or a fiber stack overflow)",
+         sig == SIGSEGV ? "segmentation fault" : "bus error", who);
+}
+
 // cfg: grid xyz, threadgroup xyz (already min'd with the grid, as MLX does), schedule, seed,
-// stack bytes per thread. Returns 0, or 1 with a message in `error`.
+// stack bytes per thread, timeout in seconds. Returns 0, or 1 with a message in `error`.
+// A crash or a hang inside the kernel comes back as an error, not a dead or stuck test process.
 inline int launch(EntryFn entry, void** bufs, const int64_t* cfg, char* error, size_t len) {
   static Run run;
   Run* r = &run;
@@ -400,59 +481,33 @@ inline int launch(EntryFn entry, void** bufs, const int64_t* cfg, char* error, s
   r->rng = uint64_t(cfg[7]) * 0x9e3779b97f4a7c15ull + 1;
   uint3 grid = {unsigned(cfg[0]), unsigned(cfg[1]), unsigned(cfg[2])};
   uint3 tpg = {unsigned(cfg[3]), unsigned(cfg[4]), unsigned(cfg[5])};
-  int schedule = int(cfg[6]);
-  unsigned threads = tpg.x * tpg.y * tpg.z;
-  r->stack_size = size_t(cfg[8]);
-  size_t bytes = r->stack_size * threads;
-  r->stacks = static_cast<unsigned char*>(
-      mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
-  if (r->stacks == MAP_FAILED) { snprintf(error, len, "cannot map fiber stacks"); return 1; }
-  for (unsigned i = 0; i < threads; i++) mprotect(r->stacks + i * r->stack_size, 4096, PROT_NONE);
+  int timeout_s = int(cfg[9]);
+  if (!ensure_stacks(r, tpg.x * tpg.y * tpg.z, size_t(cfg[8]))) {
+    snprintf(error, len, "cannot map fiber stacks");
+    return 1;
+  }
   g_run = r;
-
-  uint3 ntg = {ceil_div(grid.x, tpg.x), ceil_div(grid.y, tpg.y), ceil_div(grid.z, tpg.z)};
-  unsigned count = ntg.x * ntg.y * ntg.z;
-  int* tgs = static_cast<int*>(malloc(sizeof(int) * count));
-  for (unsigned i = 0; i < count; i++) tgs[i] = schedule == REVERSE ? int(count - 1 - i) : int(i);
-  if (schedule == SHUFFLE)
-    for (unsigned i = count - 1; i > 0; i--) {
-      unsigned j = unsigned(next_rand(r) % (i + 1));
-      int t = tgs[i]; tgs[i] = tgs[j]; tgs[j] = t;
-    }
-
-  // A wild access inside the kernel comes back here as an error, not a dead test process.
-  stack_t alt = {malloc(65536), 0, 65536}, old_alt;
-  sigaltstack(&alt, &old_alt);
-  struct sigaction sa = {}, old_segv, old_bus;
+  const int sigs[] = {SIGSEGV, SIGBUS, SIGFPE, SIGALRM};
+  struct sigaction sa = {}, old[4];
   sa.sa_handler = on_crash;
   sa.sa_flags = SA_ONSTACK | SA_NODEFER;
-  sigaction(SIGSEGV, &sa, &old_segv);
-  sigaction(SIGBUS, &sa, &old_bus);
+  stack_t alt = {malloc(65536), 0, 65536}, old_alt;
+  sigaltstack(&alt, &old_alt);
+  for (int i = 0; i < 4; i++) sigaction(sigs[i], &sa, &old[i]);
+  itimerval timer = {{0, 0}, {timeout_s, 0}}, off = {{0, 0}, {0, 0}}, old_timer;
+  getitimer(ITIMER_REAL, &old_timer);  // someone else's alarm (pytest-timeout, say) resumes after
   if (int sig = sigsetjmp(r->crash, 1)) {
-    char who[96];
-    describe(who, sizeof who, r->fibers[r->current]);
-    r->failed = false;
-    fail("%s in %s: an access outside every buffer (or a fiber stack overflow)",
-         sig == SIGSEGV ? "segmentation fault" : "bus error", who);
+    setitimer(ITIMER_REAL, &off, nullptr);
+    report_signal(sig, timeout_s);
   } else {
-    for (unsigned k = 0; k < count && !r->failed; k++) {
-      unsigned t = unsigned(tgs[k]);
-      uint3 tg = {t % ntg.x, (t / ntg.x) % ntg.y, t / (ntg.x * ntg.y)};
-      uint3 origin = tg * tpg;
-      uint3 actual = {grid.x - origin.x < tpg.x ? grid.x - origin.x : tpg.x,
-                      grid.y - origin.y < tpg.y ? grid.y - origin.y : tpg.y,
-                      grid.z - origin.z < tpg.z ? grid.z - origin.z : tpg.z};
-      set_attrs(r, grid, tpg, tg, actual);
-      poison_threadgroup_memory();
-      run_threadgroup(schedule);
-    }
+    setitimer(ITIMER_REAL, &timer, nullptr);
+    run_grid(grid, tpg, int(cfg[6]));
+    setitimer(ITIMER_REAL, &off, nullptr);
   }
-  sigaction(SIGSEGV, &old_segv, nullptr);
-  sigaction(SIGBUS, &old_bus, nullptr);
+  for (int i = 0; i < 4; i++) sigaction(sigs[i], &old[i], nullptr);
+  setitimer(ITIMER_REAL, &old_timer, nullptr);
   sigaltstack(&old_alt, nullptr);
   free(alt.ss_sp);
-  free(tgs);
-  munmap(r->stacks, bytes);
   g_run = nullptr;
   return r->failed ? 1 : 0;
 }
