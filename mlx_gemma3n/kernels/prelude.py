@@ -10,7 +10,9 @@ The bodies keep to a subset of Metal that maps one to one:
   threadgroups a multiple of 32 threads (a CUDA warp shuffle needs all 32 lanes);
 - `metal::`, `metal::fast::`, `metal::precise::` scalar float math;
 - `T` in {float, half, bfloat16_t}, converted with `static_cast`, accumulation in float;
-- scalars as shape-(1,) inputs, sizes as template ints or `<input>_shape[i]`.
+- scalars as shape-(1,) inputs, sizes as template ints or `<input>_shape[i]`;
+- helper functions in a header marked `DEVICE_FN` (a header defines it for Metal when the
+  prelude has not), never taking threadgroup memory (Metal's pointers to it do not map).
 CUDA launches whole blocks (grid rounded up to the threadgroup); a body whose grid is not a
 multiple of its threadgroup must return early for positions past its size, as it also must
 on Metal for threads it did not ask for.
@@ -22,6 +24,7 @@ CUDA_PRELUDE = r"""
 #define constant
 #define thread
 #define threadgroup __shared__
+#define DEVICE_FN __device__ inline
 typedef unsigned int uint;
 using bfloat16_t = __nv_bfloat16;
 
