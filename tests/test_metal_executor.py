@@ -266,6 +266,32 @@ def test_unwritten_output_is_caught():
     np.testing.assert_array_equal(np.array(filled.astype(mx.float32)), [1, 0] * 5)
 
 
+def test_uninitialised_local_reads_as_nan():
+    src = """
+        float acc;   // forgot = 0
+        for (uint k = 0; k < 4; k++) acc += inp[k];
+        out[thread_position_in_grid.x] = acc;
+    """
+    kern = metal_kernel(name="test_uninit", input_names=["inp"], output_names=["out"], source=src)
+    with options(check_coverage=False):
+        out = kern(inputs=[mx.ones((4,))], grid=(8, 1, 1), threadgroup=(8, 1, 1),
+                   output_shapes=[(8,)], output_dtypes=[mx.float32])[0]
+    assert np.isnan(np.array(out)).all()
+
+
+def test_too_much_threadgroup_memory_is_refused():
+    src = """
+        threadgroup float big[8193];   // 32 KiB + 4 bytes
+        big[thread_index_in_threadgroup] = inp[0];
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        out[thread_position_in_grid.x] = big[0];
+    """
+    kern = metal_kernel(name="test_big_tg", input_names=["inp"], output_names=["out"], source=src)
+    with pytest.raises(ExecutorError, match="declares 32772 bytes of threadgroup memory; Metal allows 32768"):
+        kern(inputs=[mx.ones((1,))], grid=(4, 1, 1), threadgroup=(4, 1, 1),
+             output_shapes=[(4,)], output_dtypes=[mx.float32])
+
+
 def test_wild_pointer_is_an_error_not_a_crash():
     src = "device float* p = (device float*)(uintptr_t)16; out[0] = p[0] + inp[0];"
     kern = metal_kernel(name="test_wild", input_names=["inp"], output_names=["out"], source=src)

@@ -119,7 +119,10 @@ def _check_launch(grid, threadgroup):
 
 
 class metal_kernel:
-    """Same constructor and call as `mx.fast.metal_kernel`; runs on the CPU executor."""
+    """Same constructor and call as `mx.fast.metal_kernel`; runs on the CPU executor.
+
+    `ensure_row_contiguous` is accepted for compatibility: inputs always arrive row-contiguous.
+    """
 
     def __init__(self, name, input_names, output_names, source, header="",
                  ensure_row_contiguous=True, atomic_outputs=False):
@@ -181,7 +184,8 @@ class metal_kernel:
     def _coverage(self, outs, dtypes):
         problems = []
         for b, d in zip(outs, dtypes):
-            for pattern, what in ((buffers.POISON, "never written (NaN poison left"),
+            for pattern, what in ((buffers.POISON, "never written (NaN poison left, or "
+                                                   "copied from an uninitialised variable"),
                                   (buffers.TG_POISON, "copied from uninitialised threadgroup "
                                                       "memory (its NaN poison")):
                 idx = b.holding(d, pattern)

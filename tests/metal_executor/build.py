@@ -13,6 +13,8 @@ HERE = Path(__file__).resolve().parent
 # Newest first; _Float16 on x86-64 needs clang >= 15 (Debian's default `clang` 14 lacks it).
 CANDIDATES = [f"clang++-{v}" for v in range(22, 14, -1)] + ["clang++"]
 FLAGS = ["-std=c++20", "-O1", "-fPIC", "-fvisibility=hidden", "-Wno-unknown-attributes",
+         # Uninitialised locals start as NaN (floats) or 0xAA.. (integers), like garbage would.
+         "-ftrivial-auto-var-init=pattern",
          # Metal rounds every half operation to half; clang would keep float intermediates.
          "-Xclang", "-ffloat16-excess-precision=none"]
 

@@ -20,6 +20,7 @@ namespace mxexec {
 
 constexpr int kSimd = 32;
 constexpr int kMaxThreads = 1024;
+constexpr int kMaxThreadgroupBytes = 32768;  // Apple GPUs' threadgroup memory
 enum State { RUNNABLE, AT_BARRIER, AT_SIMD, DONE };
 enum Schedule { FORWARD = 0, REVERSE = 1, SHUFFLE = 2 };
 
@@ -487,6 +488,12 @@ inline int launch(EntryFn entry, void** bufs, const int64_t* cfg, char* error, s
     return 1;
   }
   g_run = r;
+  if (__start_mxtg && __stop_mxtg - __start_mxtg > kMaxThreadgroupBytes) {
+    fail("the kernel declares %ld bytes of threadgroup memory; Metal allows %d",
+         long(__stop_mxtg - __start_mxtg), kMaxThreadgroupBytes);
+    g_run = nullptr;
+    return 1;
+  }
   const int sigs[] = {SIGSEGV, SIGBUS, SIGFPE, SIGALRM};
   struct sigaction sa = {}, old[4];
   sa.sa_handler = on_crash;
