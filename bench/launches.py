@@ -29,6 +29,7 @@ from mlx.utils import tree_map
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from convert.converter import _should_quantize  # noqa: E402  (the converter's choice)
 from mlx_gemma3n.config import PRESETS, ModelConfig  # noqa: E402
 from mlx_gemma3n.kernels import set_kernels, use_factory  # noqa: E402
 from mlx_gemma3n.model import Gemma3n  # noqa: E402
@@ -95,15 +96,7 @@ def build(shape: str, bits: int, dtype: mx.Dtype) -> Gemma3n:
     lm = model.language_model
     lm.update(tree_map(lambda a: a.astype(dtype), lm.parameters()))
     if bits:
-        # The converter's choice: every Linear/Embedding but each layer's tiny AltUp maps.
-        nn.quantize(
-            lm,
-            group_size=64,
-            bits=bits,
-            class_predicate=lambda path, m: ".altup." not in path
-            and isinstance(m, (nn.Linear, nn.Embedding))
-            and m.weight.shape[-1] % 64 == 0,
-        )
+        nn.quantize(lm, group_size=64, bits=bits, class_predicate=_should_quantize(64))
     return model
 
 
