@@ -11,8 +11,7 @@ import warnings
 import mlx.core as mx
 import numpy as np
 import pytest
-from kernel_check import all_kernels
-from metal_executor import metal_kernel
+from kernel_check import RecordingFactory, all_kernels
 
 import mlx_gemma3n
 from mlx_gemma3n.generation import prefill
@@ -25,22 +24,6 @@ WINDOW = 8  # TINY_CONFIG sliding_window
 STEPS = 3 * WINDOW + 2
 # Kernels the tiny model cannot reach, and why.
 UNREACHED = {"gqa_decode_combine": "its caches are shorter than one decode-attention split"}
-
-
-class RecordingFactory:
-    """The executor's metal_kernel, noting which kernels launch."""
-
-    def __init__(self):
-        self.launched = set()
-
-    def __call__(self, **spec):
-        kernel = metal_kernel(**spec)
-
-        def launch(**kwargs):
-            self.launched.add(spec["name"])
-            return kernel(**kwargs)
-
-        return launch
 
 
 def greedy_logits(model, ids: mx.array) -> np.ndarray:
