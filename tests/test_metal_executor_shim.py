@@ -1,11 +1,16 @@
 """The executor's Metal dialect (tests/metal_executor/shim.h): number formats, vectors, math,
 atomics and per-threadgroup memory behave as on Metal."""
 
+import sys
+
 import mlx.core as mx
 import numpy as np
 import pytest
 
 from metal_executor import metal_kernel
+
+# The executor relies on ELF section bounds and glibc's ucontext; on macOS kernels run on Metal.
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the CPU executor is Linux-only")
 
 
 def launch(name, src, inputs, n, out_dtype):
@@ -101,7 +106,8 @@ IDIOMS_SOURCE = """
     out[i * 8 + 4] = T(pos && !(x == zero) ? 1 : 0) + (-x);
     out[i * 8 + 5] = pos ? x : T(0.0f);
     out[i * 8 + 6] = simd_sum(x);
-    out[i * 8 + 7] = static_cast<T>(g);
+    out[i * 8 + 7] = static_cast<T>(g + (FLT_MAX > 1e38f && HALF_MAX == 65504.0h ? 0.0f : NAN)
+                                    + (M_PI_F - 3.14159265f) + (INFINITY > 0 ? 0.0f : 1.0f));
 """
 
 
