@@ -8,8 +8,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from kernel_check import DTYPES
+from kernel_launches import Counting, contiguous_stride_buffers  # noqa: F401 (fixture)
 from metal_executor import metal_kernel
-from test_kernel_decode_attention import _contiguous_stride_buffers  # noqa: F401 (autouse)
 
 from mlx_gemma3n.kernels import decode_attention, gated_gelu, qkv_norm_rope, sparse_ffn
 from mlx_gemma3n.kernels import use_factory
@@ -20,24 +20,9 @@ from mlx_gemma3n.text.mlp import MLP
 from mlx_gemma3n.text.transposed import QuantizedTransposedLinear, TransposedLinear
 from mlx_gemma3n.tiny import TINY_CONFIG
 
+pytestmark = pytest.mark.usefixtures("contiguous_stride_buffers")
 OPS = [qkv_norm_rope.OP, gated_gelu.OP, decode_attention.PARTIAL, decode_attention.COMBINE,
        sparse_ffn.UP, sparse_ffn.DOWN]
-
-
-class Counting:
-    """The executor's metal_kernel, counting launches by kernel name."""
-
-    def __init__(self):
-        self.launches = []
-
-    def __call__(self, **spec):
-        kernel = metal_kernel(**spec)
-
-        def launch(**kw):
-            self.launches.append(spec["name"])
-            return kernel(**kw)
-
-        return launch
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
