@@ -5,7 +5,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from kernel_check import DTYPES, assert_close, executed
-from metal_executor import metal_kernel
+from kernel_launches import Counting
 
 from mlx_gemma3n.kernels import use_factory
 from mlx_gemma3n.kernels.gated_gelu import OP, gated_gelu, reference, row_threads
@@ -58,17 +58,12 @@ def test_threads_per_row():
 def test_dispatch_kernel_at_decode_reference_otherwise():
     decode = _args(mx.float32, 2, 300, SPARSE)
     prefill = (mx.concatenate([decode[0]] * 3, axis=1), mx.concatenate([decode[1]] * 3, axis=1))
-    launches = []
-
-    def factory(**spec):
-        kernel = metal_kernel(**spec)
-        return lambda **kw: launches.append(1) or kernel(**kw)
-
+    factory = Counting()
     with use_factory(factory, self_check=False):
         got = gated_gelu(*decode)
         off = gated_gelu(*decode, enabled=False)
         longer = gated_gelu(*prefill, SPARSE)
-    assert len(launches) == 1
+    assert factory.launches == ["gated_gelu"]
     assert mx.array_equal(got, executed(OP, decode)[0])
     assert mx.array_equal(off, reference(*decode))
     assert mx.array_equal(longer, reference(*prefill, SPARSE))

@@ -1,18 +1,13 @@
 """Kernel (f), the sparse FFN (up and down rows of the surviving units only), executed on
 the CPU executor against a float64 oracle: float and 4/8-bit weights, every dtype, ragged
-widths; the MLP's dispatch and its transposed down projection."""
+widths. (The MLP's dispatch to it: test_kernels_attnffn_wiring.py.)"""
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
 from kernel_check import DTYPES, executed, ulp
-from metal_executor import metal_kernel
 
 from mlx_gemma3n.kernels import sparse_ffn as f
-from mlx_gemma3n.kernels import use_factory
-from mlx_gemma3n.text.mlp import MLP
-from mlx_gemma3n.text.transposed import QuantizedTransposedLinear, TransposedLinear
 
 SPARSE = 1.6448536  # Phi^-1(0.95)
 

@@ -8,6 +8,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from kernel_check import DTYPES
+from kernel_launches import Counting, contiguous_stride_buffers  # noqa: F401 (fixture)
 from metal_executor import metal_kernel
 
 from mlx_gemma3n.kernels import decode_attention, gated_gelu, qkv_norm_rope, sparse_ffn
@@ -19,34 +20,9 @@ from mlx_gemma3n.text.mlp import MLP
 from mlx_gemma3n.text.transposed import QuantizedTransposedLinear, TransposedLinear
 from mlx_gemma3n.tiny import TINY_CONFIG
 
+pytestmark = pytest.mark.usefixtures("contiguous_stride_buffers")
 OPS = [qkv_norm_rope.OP, gated_gelu.OP, decode_attention.PARTIAL, decode_attention.COMBINE,
        sparse_ffn.UP, sparse_ffn.DOWN]
-
-
-@pytest.fixture(autouse=True)
-def _contiguous_stride_buffers(monkeypatch):
-    """See test_kernel_decode_attention.py: the executor's `_strides` buffer needs a copy."""
-    from metal_executor import buffers
-
-    int_buffer = buffers.int_buffer
-    monkeypatch.setattr(buffers, "int_buffer", lambda name, values, dtype: int_buffer(
-        name, np.ascontiguousarray(np.asarray(values, dtype)), dtype))
-
-
-class Counting:
-    """The executor's metal_kernel, counting launches by kernel name."""
-
-    def __init__(self):
-        self.launches = []
-
-    def __call__(self, **spec):
-        kernel = metal_kernel(**spec)
-
-        def launch(**kw):
-            self.launches.append(spec["name"])
-            return kernel(**kw)
-
-        return launch
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -153,3 +129,45 @@ def test_attention_decode_with_kernels(monkeypatch, kind):
     assert outs["kernels"][2].count("gqa_decode_attention") == 6
     for got, want in zip(outs["kernels"][:2], outs["reference"][:2]):
         _close(got, want)
+
+
+def _sparse_args(dtype, bits):
+    k = mx.random.split(mx.random.key(bits), 3)
+    up, down_t = sparse_ffn.sample_layers(dtype, 128, 300, bits, k[0])
+    x = mx.random.normal((1, 1, 128), key=k[1]).astype(dtype)
+    gate = mx.random.normal((1, 1, 300), key=k[2]).astype(dtype)
+    return x, gate, up, down_t
+
+
+def _qkv_shared(dtype):
+    q, _, _, q_w, _, *rest = qkv_norm_rope.sample(dtype)
+    return (q, None, None, q_w, None, *rest)
+
+
+# The template variants the self-check samples do not reach (test_kernels_cuda.py compiles
+# those): the dense activation, a KV-shared layer's q-only rows, attention finished in one
+# split, float and 8-bit sparse FFN weights.
+CUDA_VARIANTS = [
+    (gated_gelu.OP, lambda dt: (*gated_gelu.sample(dt)[:2], None)),
+    (qkv_norm_rope.OP, _qkv_shared),
+    (decode_attention.PARTIAL, lambda dt: (*decode_attention._sample(dt, 37), 37, 1)),
+    (sparse_ffn.UP, lambda dt: (*_sparse_args(dt, 0)[:3], 1.6448536)),
+    (sparse_ffn.UP, lambda dt: (*_sparse_args(dt, 8)[:3], 1.6448536)),
+    (sparse_ffn.DOWN, lambda dt: (_sparse_args(dt, 0)[0], mx.ones((1, 300)), _sparse_args(dt, 0)[3])),
+    (sparse_ffn.DOWN, lambda dt: (_sparse_args(dt, 8)[0], mx.ones((1, 300)), _sparse_args(dt, 8)[3])),
+]
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16], ids=str)  # each dtype: test_kernels_cuda.py
+@pytest.mark.parametrize("op,make_args", CUDA_VARIANTS,
+                         ids=["dense", "kv-shared", "one-split", "up-float", "up-8bit",
+                              "down-float", "down-8bit"])
+def test_cuda_variants_compile_with_nvrtc(op, make_args, dtype, monkeypatch):
+    from test_kernels_cuda import NvrtcCudaKernel
+
+    from mlx_gemma3n.kernels import base
+
+    monkeypatch.setattr(mx.fast, "cuda_kernel", NvrtcCudaKernel)
+    NvrtcCudaKernel.compiled = []
+    op.launch(base._cuda_kernel(**op.spec), *make_args(dtype))
+    assert NvrtcCudaKernel.compiled == [op.name]
