@@ -67,25 +67,6 @@ def assert_close(got: mx.array, want: mx.array, dtype: mx.Dtype, what: str = "")
     )
 
 
-class RecordingFactory:
-    """A kernel factory for `kernels.use_factory`: the executor's metal_kernel, counting the
-    launches and noting which kernels launched."""
-
-    def __init__(self):
-        self.launches = 0
-        self.launched = set()
-
-    def __call__(self, **spec):
-        kernel = metal_kernel(**spec)
-
-        def launch(**kwargs):
-            self.launches += 1
-            self.launched.add(spec["name"])
-            return kernel(**kwargs)
-
-        return launch
-
-
 def check_kernel(op, args: tuple) -> tuple:
     """Execute op's kernel on `args` and compare every output with the fp32 reference."""
     got = executed(op, args)

@@ -11,7 +11,8 @@ import warnings
 import mlx.core as mx
 import numpy as np
 import pytest
-from kernel_check import RecordingFactory, all_kernels
+from kernel_check import all_kernels
+from kernel_launches import Counting, contiguous_stride_buffers  # noqa: F401 (fixture)
 
 import mlx_gemma3n
 from mlx_gemma3n.generation import prefill
@@ -42,18 +43,19 @@ def converted(tiny_hf, tmp_path_factory):
                    drop=["audio", "vision"])
 
 
+@pytest.mark.usefixtures("contiguous_stride_buffers")  # decode attention reads strides
 def test_whole_model_through_the_executor_matches_the_reference_path(converted, monkeypatch):
     model = load_model(converted)
     ids = mx.array(np.random.default_rng(5).integers(7, 250, size=(1, 5)))
     reference = greedy_logits(model, ids)
 
     monkeypatch.setenv("MLX_GEMMA3N_DECODE_ATTENTION", "all")
-    factory = RecordingFactory()
+    factory = Counting()
     with use_factory(factory), warnings.catch_warnings():
         warnings.simplefilter("error")  # a failed self-check would warn
         fused = greedy_logits(model, ids)
 
-    assert factory.launched == {op.name for op in all_kernels()} - set(UNREACHED)
+    assert set(factory.launches) == {op.name for op in all_kernels()} - set(UNREACHED)
     assert fused.argmax(-1).tolist() == reference.argmax(-1).tolist()
     assert np.abs(fused - reference).max() / np.abs(reference).max() <= TOL
 
@@ -61,8 +63,8 @@ def test_whole_model_through_the_executor_matches_the_reference_path(converted, 
 def test_load_with_kernels_off_takes_the_reference_path(tiny_hf):
     model, _ = mlx_gemma3n.load(str(tiny_hf[0]), text_only=True, kernels=False)
     ids = mx.array([[9, 8, 7]])
-    factory = RecordingFactory()
+    factory = Counting()
     with use_factory(factory):
         logits = model(ids[:, :1], model.make_cache())
-    assert not factory.launched
+    assert not factory.launches
     assert np.array_equal(np.array(logits), np.array(model(ids[:, :1])))
