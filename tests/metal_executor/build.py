@@ -23,8 +23,8 @@ class CompileError(RuntimeError):
     """clang++ rejected a kernel; the message holds the compiler log and the source path."""
 
 
-def _accepts_float16(cxx):
-    probe = subprocess.run([cxx, "-x", "c++", "-std=c++20", "-fsyntax-only", "-"],
+def _usable(cxx):
+    probe = subprocess.run([cxx, *FLAGS, "-x", "c++", "-fsyntax-only", "-"],
                            input="_Float16 h = 1;", capture_output=True, text=True)
     return probe.returncode == 0
 
@@ -35,11 +35,12 @@ def compiler():
     names = [os.environ["METAL_EXECUTOR_CXX"]] if os.environ.get("METAL_EXECUTOR_CXX") else CANDIDATES
     for name in names:
         path = shutil.which(name)
-        if path and _accepts_float16(path):
+        if path and _usable(path):
             version = subprocess.run([path, "--version"], capture_output=True, text=True)
             return path, version.stdout.splitlines()[0]
-    raise CompileError("metal executor: no clang++ with _Float16 support (clang >= 15) found; "
-                       "`bash scripts/setup.sh --test` installs Debian's clang-19")
+    raise CompileError("metal executor: no clang++ that takes _Float16 and the executor's flags "
+                       f"({' '.join(FLAGS)}) found; `bash scripts/setup.sh --test` installs "
+                       "Debian's clang-19")
 
 
 def cache_dir():
