@@ -90,13 +90,16 @@ def test_split_policy():
         assert (n_splits - 1) * split_len < n <= n_splits * split_len and n_splits <= 64
 
 
-def test_kernel_cases_setting():
-    assert attn.kernel_cases("") == attn.kernel_cases("sdpa") == frozenset()
-    assert attn.kernel_cases("all") == frozenset(attn.CASES)
-    assert attn.kernel_cases("2048, 8192") == {2048, 8192}
+def test_kernel_cases_setting(monkeypatch):
+    assert attn.parse_cases("") == attn.parse_cases("sdpa") == frozenset()
+    assert attn.parse_cases("all") == frozenset(attn.CASES)
+    assert attn.parse_cases("2048, 8192") == {2048, 8192}
     for bad in ("fast", "1000", "512,"):
         with pytest.raises(ValueError, match="MLX_GEMMA3N_DECODE_ATTENTION"):
-            attn.kernel_cases(bad)
+            attn.parse_cases(bad)
+    monkeypatch.setenv("MLX_GEMMA3N_DECODE_ATTENTION", "8192,all")
+    with pytest.warns(RuntimeWarning, match="'8192,all'.*scaled_dot_product_attention"):
+        assert attn.kernel_cases() == frozenset()
     assert [attn.case_of(n) for n in (1, 512, 513, 2048, 9000, 40000)] == [
         512, 512, 2048, 2048, 32768, 32768
     ]

@@ -14,12 +14,15 @@ only for the key-count cases named in MLX_GEMMA3N_DECODE_ATTENTION (e.g. "2048,8
 """
 
 import os
-from typing import Any, FrozenSet, Optional, Tuple
+import warnings
+from functools import lru_cache
+from typing import Any, FrozenSet, Tuple
 
 import mlx.core as mx
 
 from .base import FusedOp, kernels_enabled
 
+# A finite stand-in for -inf as the initial running max: exp(NEG - NEG) is 1, not NaN.
 NEG = "-3.0e38f"
 
 # One threadgroup per (batch, KV head, split); simdgroup j takes keys j, j + NSG, ... of the
@@ -151,14 +154,12 @@ NSG = 8  # simdgroups per threadgroup
 SPLIT_KEYS = 256  # at least this many keys per split
 MAX_SPLITS = 64
 CASES = (512, 2048, 8192, 32768)  # key-count cases (each covers the counts up to it)
+ENV = "MLX_GEMMA3N_DECODE_ATTENTION"
 
 
-def kernel_cases(setting: Optional[str] = None) -> FrozenSet[int]:
-    """The key-count cases that use the kernel: `setting` (default: the environment
-    variable MLX_GEMMA3N_DECODE_ATTENTION) is "all", "sdpa"/"" (none), or a comma list of
-    cases from CASES."""
-    if setting is None:
-        setting = os.environ.get("MLX_GEMMA3N_DECODE_ATTENTION", "")
+def parse_cases(setting: str) -> FrozenSet[int]:
+    """Key-count cases from a setting: "all", "sdpa" or "" (none), or a comma list of cases
+    from CASES; anything else raises ValueError."""
     setting = setting.strip().lower()
     if setting == "all":
         return frozenset(CASES)
@@ -170,10 +171,26 @@ def kernel_cases(setting: Optional[str] = None) -> FrozenSet[int]:
         cases = None
     if not cases or not cases <= set(CASES):
         raise ValueError(
-            f"MLX_GEMMA3N_DECODE_ATTENTION={setting!r}: expected 'all', 'sdpa' or a comma "
-            f"list of key counts from {CASES}"
+            f"{ENV}={setting!r}: expected 'all', 'sdpa' or a comma list of key counts from "
+            f"{CASES}"
         )
     return cases
+
+
+@lru_cache(maxsize=None)
+def _cases_from(setting: str) -> FrozenSet[int]:
+    try:
+        return parse_cases(setting)
+    except ValueError as e:  # a mistyped variable should not stop generation
+        warnings.warn(f"{e}; using scaled_dot_product_attention everywhere", RuntimeWarning,
+                      stacklevel=2)
+        return frozenset()
+
+
+def kernel_cases() -> FrozenSet[int]:
+    """The key-count cases selected by MLX_GEMMA3N_DECODE_ATTENTION (an invalid value
+    warns once and selects none)."""
+    return _cases_from(os.environ.get(ENV, ""))
 
 
 def case_of(n_keys: int) -> int:

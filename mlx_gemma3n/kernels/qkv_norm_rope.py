@@ -1,7 +1,7 @@
 """Kernel (c): q/k/v RMSNorm, Gemma's half-split RoPE on q and k, the scale-free v norm.
 
-Decode (L = 1) turns six primitives per layer (three norms, two ropes, and the reshapes that
-feed them) into one launch. One simdgroup normalises one head row; the rows of q, k and v
+At decode (L = 1) one launch replaces five per layer (three norms, two ropes; two on a
+KV-shared layer). One simdgroup normalises one head row; the rows of q, k and v
 land in a single [B, H + 2 * HKV, 1, D] output whose slices are the three results. KV-shared
 layers have no k/v: HKV = 0 and q is passed in the unused slots, which the body never reads.
 """
