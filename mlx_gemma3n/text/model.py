@@ -5,8 +5,8 @@ from typing import Any, List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..mlx_lm_parts import base as mlx_lm_base
 from ..kernels.altup_streams import STREAMS, altup_embed, altup_unembed
+from ..mlx_lm_parts import base as mlx_lm_base
 from ..mlx_lm_parts import cache as mlx_lm_cache
 from .config import SLIDING, TextConfig
 from .decoder import DecoderLayer
