@@ -9,6 +9,7 @@ import mlx.core as mx
 import numpy as np
 
 from .generation import PREFILL_CHUNK, generate_step
+from .kernels import set_kernels
 from .loading import load_model, resolve_model_path
 from .mlx_lm_parts import cache as mlx_lm_cache
 from .mlx_lm_parts import sample_utils
@@ -16,11 +17,15 @@ from .model import Gemma3n
 from .processor import Processor, Prompt, PromptInputs, user_message
 
 
-def load(path_or_hub_id: str, text_only: bool = False) -> Tuple[Gemma3n, Processor]:
+def load(
+    path_or_hub_id: str, text_only: bool = False, kernels: bool = True
+) -> Tuple[Gemma3n, Processor]:
     """Load a Gemma 3n checkpoint (local directory or Hub id, HF or MLX-converted).
 
     Returns (model, processor). The audio and vision towers load on first use; with
-    `text_only=True` they never do. "demo" is a tiny random-weight model built locally."""
+    `text_only=True` they never do. "demo" is a tiny random-weight model built locally.
+    `kernels=False` decodes through the pure-MLX reference ops instead of the fused Metal/CUDA
+    kernels (as does the environment variable `MLX_GEMMA3N_KERNELS=0`)."""
     if path_or_hub_id == "demo":
         from .demo import demo_checkpoint
 
@@ -28,6 +33,7 @@ def load(path_or_hub_id: str, text_only: bool = False) -> Tuple[Gemma3n, Process
     else:
         path = resolve_model_path(path_or_hub_id)
     model = load_model(path, lazy=not text_only)
+    set_kernels(model, kernels)
     return model, Processor.from_pretrained(path, model.config)
 
 
