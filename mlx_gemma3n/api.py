@@ -1,7 +1,7 @@
 """The Python API for apps: load, generate, stream_generate, chat sessions, prompt caches."""
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Tuple
 
@@ -208,17 +208,19 @@ def stream_generate(
     prompt_cache: Optional[PromptCache] = None,
     **options,
 ) -> Iterator[GenerationResponse]:
-    """Stream the model's reply to `prompt` (a string or chat messages, see `processor`).
+    """Stream the model's reply to `prompt` (a string or chat messages, see `processor`, or
+    the whole prompt already processed into `PromptInputs`).
 
     `options`: `max_tokens`, `sampling` (`SamplingOptions`), `should_stop` (checked between
     tokens, for cancellation) and `prefill_step_size`, as for `stream_tokens`. With a
     `prompt_cache` whose tokens begin the new prompt, only the rest is prefilled; otherwise the
     cache is reset."""
-    inputs = processor(prompt)
+    inputs = replace(prompt) if isinstance(prompt, PromptInputs) else processor(prompt)  # a copy: trimmed below
+    n_cached = len(prompt_cache.tokens) if prompt_cache is not None else 0
     if prompt_cache is None:
         prompt_cache = PromptCache.new(model)
-    elif inputs.token_ids[: len(prompt_cache.tokens)] == prompt_cache.tokens:
-        inputs.token_ids = inputs.token_ids[len(prompt_cache.tokens) :]
+    elif n_cached < len(inputs.token_ids) and inputs.token_ids[:n_cached] == prompt_cache.tokens:
+        inputs.token_ids = inputs.token_ids[n_cached:]
         _drop_cached_media(inputs, processor.config)
     else:
         prompt_cache.cache[:] = model.make_cache()
