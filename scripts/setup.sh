@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Creates .venv and installs mlx-gemma3n into it. `--test` adds the test-only references
-# (torch, torchvision, transformers, timm, mlx-vlm, NVRTC) and the system tools the tests use.
+# Creates .venv and installs mlx-gemma3n into it, with the OpenAI-compatible server's extra
+# (starlette, uvicorn). `--test` adds the test-only references (torch, torchvision,
+# transformers, timm, mlx-vlm, NVRTC, the openai client) and the system tools the tests use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 with_tests=0
@@ -25,7 +26,7 @@ if [ $with_tests = 1 ]; then
     if [ "$(uname -s)" = "Linux" ]; then
         .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
     fi
-    .venv/bin/python -m pip install -q -e ".[test]"
+    .venv/bin/python -m pip install -q -e ".[server,test]"
     if [ "$(uname -s)" = "Linux" ]; then
         # MLX's CUDA device headers, for compiling the kernels' CUDA forms with NVRTC in tests.
         .venv/bin/python scripts/mlx_cuda_headers.py
@@ -35,5 +36,5 @@ if [ $with_tests = 1 ]; then
     # not import; what it does import comes with the test extra.
     .venv/bin/python -m pip install -q --no-deps "mlx-vlm==0.7.10"
 else
-    .venv/bin/python -m pip install -q -e .
+    .venv/bin/python -m pip install -q -e ".[server]"
 fi
