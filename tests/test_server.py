@@ -23,6 +23,7 @@ import numpy as np
 import openai
 import pytest
 import soundfile
+from PIL import Image
 
 import mlx_gemma3n
 from mlx_gemma3n import SamplingOptions
@@ -380,6 +381,28 @@ def test_media_that_does_not_decode_is_a_400(server, body, message):
     code, reply = post(server, body)
     assert code == 400, reply
     assert message in reply["error"]["message"]
+
+
+def test_remote_images_are_fetched_only_when_allowed():
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from mlx_gemma3n.server.errors import APIError
+    from mlx_gemma3n.server.media import decode_image
+
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(ASSETS))
+    with ThreadingHTTPServer(("127.0.0.1", 0), handler) as http_server:
+        threading.Thread(target=http_server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{http_server.server_address[1]}/cat.png"
+        image = decode_image(url, "image_url", allow_remote=True, max_bytes=1 << 20)
+        assert np.array_equal(np.asarray(image), np.asarray(Image.open(ASSETS / "cat.png")))
+        for allow, limit, message in ((False, 1 << 20, "refused"), (True, 100, "larger than 100 bytes")):
+            with pytest.raises(APIError, match=message):
+                decode_image(url, "image_url", allow_remote=allow, max_bytes=limit)
+        with pytest.raises(APIError, match="could not fetch"):
+            decode_image(url + ".missing", "image_url", allow_remote=True, max_bytes=1 << 20)
+        http_server.shutdown()
 
 
 def test_oversized_body_is_a_413(server):
