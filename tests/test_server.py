@@ -145,6 +145,8 @@ USER = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 def test_models_lists_the_served_model(client):
     assert [m.id for m in client.models.list().data] == ["demo"]
     assert client.models.retrieve("demo").id == "demo"
+    with pytest.raises(openai.NotFoundError, match="model 'gpt-4' not found"):
+        client.models.retrieve("gpt-4")
 
 
 def test_plain_chat_equals_the_library(client, library):

@@ -21,7 +21,7 @@ from starlette.routing import Route
 from ..audio.io import AudioError
 from ..vision.processor import ImageError
 from .conversations import media_key
-from .errors import APIError, bad_request, invalid
+from .errors import APIError, bad_request, invalid, model_not_found
 from .request import ChatRequest, MediaPolicy, parse_chat_request
 from .responses import Reply, StopText, sse, usage
 from .worker import Done, Failed, GenerationWorker, Job, Piece
@@ -83,7 +83,7 @@ class _Server:
         self._authorize(request)
         name = request.path_params["model_id"]
         if name != self.config.model_name:
-            raise APIError(404, f"model {name!r} not found; this server serves {self.config.model_name!r}", "model", "model_not_found")
+            raise model_not_found(name, self.config.model_name)
         return JSONResponse(self._model_card())
 
     async def chat_completions(self, request: Request):

@@ -28,3 +28,7 @@ def invalid(message: str, param: str = None) -> APIError:
 def bad_request(message: str, param: str = None, code: str = None) -> APIError:
     """400: a request that cannot be served as sent (undecodable media, too long, ...)."""
     return APIError(400, message, param, code)
+
+
+def model_not_found(name, served: str) -> APIError:
+    return APIError(404, f"model {name!r} not found; this server serves {served!r}", "model", "model_not_found")

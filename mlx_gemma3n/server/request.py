@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from ..api import SamplingOptions
-from .errors import APIError, bad_request, invalid
+from .errors import bad_request, invalid, model_not_found
 from .media import decode_audio, decode_image
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -41,7 +41,7 @@ def parse_chat_request(body, model_name: str, media: MediaPolicy) -> ChatRequest
         raise bad_request("the request body must be a JSON object")
     model = body.get("model", model_name)
     if model != model_name:
-        raise APIError(404, f"model {model!r} not found; this server serves {model_name!r}", "model", "model_not_found")
+        raise model_not_found(model, model_name)
     _refuse_unsupported(body)
     stream = _get(body, "stream", bool, False)
     options = _get(body, "stream_options", dict, None) or {}
@@ -139,7 +139,7 @@ def _stop(stop) -> List[str]:
 
 def _refuse_unsupported(body: dict) -> None:
     """Options the server cannot honour are refused rather than silently ignored."""
-    if body.get("n", 1) != 1:
+    if body.get("n") not in (None, 1):
         raise invalid("n must be 1: one choice per request", "n")
     for name in ("presence_penalty", "frequency_penalty"):
         if body.get(name, 0) not in (0, None):
