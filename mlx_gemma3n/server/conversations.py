@@ -1,8 +1,10 @@
 """The KV caches of recent conversations, for requests that extend one of them.
 
-A cache is reused only when its token ids begin the new prompt *and* the images and audio
+A cache is reused only when the ids it holds begin the new prompt *and* the images and audio
 clips behind its placeholders are the same ones (by digest): placeholder ids do not change
-with the picture, so matching ids alone would answer about a picture the client never sent."""
+with the picture, so matching ids alone would answer about a picture the client never sent.
+A reply the client sends back must re-tokenize to the generated ids (less the last) for its
+conversation to match."""
 
 import hashlib
 from dataclasses import dataclass
@@ -30,10 +32,15 @@ class _Slot:
     cache: PromptCache
     media: MediaKey
 
+    def held(self) -> List[int]:
+        """The ids whose keys and values are in the cache: the last generated id, which is
+        never fed back, is not, so a reply of one token does not need to round-trip."""
+        return self.cache.tokens[: self.cache.processed]
+
     def holds_prefix_of(self, ids: List[int], media: MediaKey) -> bool:
-        n = len(self.cache.tokens)
+        held = self.held()
         same_media = all(new[: len(old)] == old for old, new in zip(self.media, media))
-        return 0 < n < len(ids) and ids[:n] == self.cache.tokens and same_media
+        return 0 < len(held) < len(ids) and ids[: len(held)] == held and same_media
 
 
 class ConversationCaches:
@@ -49,7 +56,8 @@ class ConversationCaches:
         holding this prompt's media from now on."""
         matches = [s for s in self._slots if s.holds_prefix_of(ids, media)]
         if matches:
-            slot = max(matches, key=lambda s: len(s.cache.tokens))
+            slot = max(matches, key=lambda s: len(s.held()))
+            slot.cache.tokens = slot.held()
             self._slots.remove(slot)
         else:
             if len(self._slots) >= self.slots:
