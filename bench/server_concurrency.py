@@ -123,7 +123,8 @@ def main():
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=20)
     args = p.parse_args()
-    report = {"model": args.model, "clients": args.clients, "tokens": args.tokens, "end_to_end": end_to_end(args.model, args.clients, args.tokens)}
+    report = {"model": args.model, "clients": args.clients, "tokens": args.tokens,
+              "end_to_end": end_to_end(args.model, args.clients, args.tokens)}
     model, _ = load(args.model)
     report["model_decode_step"] = batch_ratio(lambda b: model_step(model, b, args.repeats), args.clients)
     for bits, name in ((4, "e2b_layer_4bit"), (0, "e2b_layer_float32")):

@@ -228,7 +228,8 @@ def test_image_as_data_uri_then_local_path_and_file_uri(client, library):
     question = [{"type": "text", "text": "What is this?"}]
     conversation, held = [], 0
     for turn, url in enumerate((f"data:image/png;base64,{b64(cat.read_bytes())}", str(cat), cat.as_uri())):
-        conversation[:1] = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}] + question}]
+        image = {"type": "image_url", "image_url": {"url": url}}
+        conversation[:1] = [{"role": "user", "content": [image] + question}]
         r = chat(client, conversation, max_tokens=8 if turn == 2 else 1)
         assert r.usage.prompt_tokens_details.cached_tokens == held, url
         held = r.usage.prompt_tokens
@@ -289,7 +290,8 @@ def _turns(library, question: str):
 
 def test_next_turn_reuses_the_conversation_cache(client, library):
     questions = ["Tell me about cats.", "What do cats eat?", "Cats?", "Why do cats purr?", "Name a cat."]
-    first, second, ok = next((t for t in map(lambda q: _turns(library, q), questions) if t[2]), (None, None, False))
+    turns = (_turns(library, q) for q in questions)
+    first, second, ok = next((t for t in turns if t[2]), (None, None, False))
     assert ok, "no question's reply re-tokenizes to its own ids"
     assert chat(client, first, max_tokens=10).choices[0].message.content == second[1]["content"]
     r = chat(client, second, max_tokens=10)

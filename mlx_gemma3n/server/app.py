@@ -117,7 +117,8 @@ class _Server:
     # -- helpers ----------------------------------------------------------------------------
 
     def _model_card(self) -> dict:
-        return {"id": self.config.model_name, "object": "model", "created": self.created, "owned_by": "mlx-gemma3n"}
+        name = self.config.model_name
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "mlx-gemma3n"}
 
     def _authorize(self, request: Request) -> None:
         key = self.config.api_key
@@ -125,7 +126,8 @@ class _Server:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+            message = "invalid or missing API key: send 'Authorization: Bearer <key>'"
+            raise APIError(401, message, code="invalid_api_key")
 
     def _prepare(self, body) -> Tuple[ChatRequest, Job]:
         """Validate, decode media and tokenize (in a pool thread: numpy and PIL only)."""

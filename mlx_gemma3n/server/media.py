@@ -49,7 +49,8 @@ def decode_audio(part, where: str):
         raise bad_request(f"{where}: input_audio must be an object with base64 'data'", where)
     fmt = part.get("format")
     if fmt not in AUDIO_FORMATS:
-        raise bad_request(f"{where}: input_audio format must be one of {', '.join(AUDIO_FORMATS)}, got {fmt!r}", where)
+        allowed = ", ".join(AUDIO_FORMATS)
+        raise bad_request(f"{where}: input_audio format must be one of {allowed}, got {fmt!r}", where)
     data = _b64decode(part["data"], where)
     try:
         samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)

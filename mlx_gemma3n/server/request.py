@@ -82,17 +82,20 @@ def _content(content, where: str, role: str, media: MediaPolicy):
 def _part(part, where: str, role: str, media: MediaPolicy) -> dict:
     kind = part.get("type") if isinstance(part, dict) else None
     if kind == "text":
-        return {"type": "text", "text": _unicode(_get(part, "text", str, None, f"{where}.text", required=True), f"{where}.text")}
+        text = _get(part, "text", str, None, f"{where}.text", required=True)
+        return {"type": "text", "text": _unicode(text, f"{where}.text")}
     if role != "user" or kind not in ("image_url", "input_audio"):
         allowed = "text, image_url, input_audio" if role == "user" else "text"
-        raise invalid(f"{where}: content part type {kind!r} is not supported in {role} messages (allowed: {allowed})", where)
+        message = f"{where}: content part type {kind!r} is not supported in {role} messages (allowed: {allowed})"
+        raise invalid(message, where)
     if kind == "input_audio":
         return {"type": "audio", "audio": decode_audio(part.get("input_audio"), f"{where}.input_audio")}
     image = part.get("image_url")
     url = image.get("url") if isinstance(image, dict) else image
     if not isinstance(url, str) or not url:
         raise invalid(f"{where}.image_url must be an object with a 'url' string", f"{where}.image_url")
-    return {"type": "image", "image": decode_image(url, f"{where}.image_url", media.allow_remote_images, media.max_bytes)}
+    image = decode_image(url, f"{where}.image_url", media.allow_remote_images, media.max_bytes)
+    return {"type": "image", "image": image}
 
 
 def _unicode(text: str, where: str) -> str:
@@ -132,7 +135,8 @@ def _max_tokens(body: dict) -> Optional[int]:
 
 def _stop(stop) -> List[str]:
     stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
-    if not isinstance(stops, list) or len(stops) > MAX_STOP_SEQUENCES or not all(isinstance(s, str) and s for s in stops):
+    valid = isinstance(stops, list) and all(isinstance(s, str) and s for s in stops)
+    if not valid or len(stops) > MAX_STOP_SEQUENCES:
         raise invalid(f"stop must be a non-empty string or an array of at most {MAX_STOP_SEQUENCES} of them", "stop")
     return stops
 

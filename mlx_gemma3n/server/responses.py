@@ -37,20 +37,25 @@ class Reply:
         self.id, self.model, self.created = request_id, model, created
 
     def _object(self, kind: str, choice: dict, usage: Optional[dict] = None) -> dict:
-        out = {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": [choice] if choice else []}
+        out = {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+        out["choices"] = [choice] if choice else []
         if usage is not None:
             out["usage"] = usage
         return out
 
     def completion(self, text: str, finish_reason: str, usage: dict) -> dict:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason, "logprobs": None}
-        return self._object("chat.completion", choice, usage)
+        message = {"role": "assistant", "content": text}
+        return self._object("chat.completion", _choice(message=message, finish_reason=finish_reason), usage)
 
     def chunk(self, delta: dict, finish_reason: Optional[str] = None) -> dict:
-        return self._object("chat.completion.chunk", {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None})
+        return self._object("chat.completion.chunk", _choice(delta=delta, finish_reason=finish_reason))
 
     def usage_chunk(self, usage: dict) -> dict:
         return self._object("chat.completion.chunk", {}, usage)
+
+
+def _choice(**fields) -> dict:
+    return {"index": 0, **fields, "logprobs": None}
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:

@@ -115,9 +115,11 @@ class GenerationWorker:
                 job.emit(Piece(r.text, n, cached))
         except Exception as e:
             user_error = isinstance(e, ValueError)
-            log.log(logging.INFO if user_error else logging.ERROR, "%s: failed: %s", job.request_id, e, exc_info=not user_error)
+            level = logging.INFO if user_error else logging.ERROR
+            log.log(level, "%s: failed: %s", job.request_id, e, exc_info=not user_error)
             self.caches.discard(cache)
             job.emit(Failed(str(e), 400 if user_error else 500))
             return
-        log.info("%s: %d prompt tokens (%d cached), %d generated, %s", job.request_id, len(job.inputs.token_ids), cached, n, finish)
+        n_prompt = len(job.inputs.token_ids)
+        log.info("%s: %d prompt tokens (%d cached), %d generated, %s", job.request_id, n_prompt, cached, n, finish)
         job.emit(Done(finish, n, cached))
