@@ -300,26 +300,37 @@ def test_next_turn_reuses_the_conversation_cache(client, library):
     assert r.choices[0].message.content == reference(library, second, 10)  # as a fresh prefill
 
 
-def test_disconnect_mid_stream_stops_generation(server, client):
+def _wait_for(log: Path, pattern: str, count: int = 1) -> list:
+    """The matches of `pattern` in the server log, once there are `count` of them."""
+    deadline = time.monotonic() + 60
+    while len(found := re.findall(pattern, log.read_text())) < count:
+        assert time.monotonic() < deadline, f"not {count} of {pattern!r} in the server log"
+        time.sleep(0.2)
+    return found
+
+
+def test_disconnect_stops_generation_mid_stream_and_in_the_queue(server, client):
     host, port = server.address
-    conn = http.client.HTTPConnection(host, port, timeout=120)
-    body = {"messages": [{"role": "user", "content": "Count to a thousand."}], "max_tokens": 1500, "stream": True}
-    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Authorization": f"Bearer {KEY}"})
-    r = conn.getresponse()
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"messages": [{"role": "user", "content": "Count to a thousand."}], "max_tokens": 1500}
+    running = http.client.HTTPConnection(host, port, timeout=120)
+    running.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}), headers)
+    r = running.getresponse()
     events = []
     while len(events) < 2:  # the role chunk and the first text chunk
         line = r.readline()
         if line.startswith(b"data: "):
             events.append(json.loads(line[6:]))
-    request_id = events[0]["id"]
-    conn.sock.shutdown(socket.SHUT_RDWR)
-    conn.close()
-    pattern = re.compile(rf"{request_id}: \d+ prompt tokens \(\d+ cached\), (\d+) generated, (\w+)")
-    deadline = time.monotonic() + 60
-    while not (m := pattern.search(server.log.read_text())):
-        assert time.monotonic() < deadline, "generation did not end"
-        time.sleep(0.2)
-    assert m.group(2) == "cancelled" and int(m.group(1)) < 100
+    queued = http.client.HTTPConnection(host, port, timeout=120)
+    queued.request("POST", "/v1/chat/completions", json.dumps(body), headers)
+    time.sleep(1)  # it waits behind the running one
+    skipped = server.log.read_text().count("cancelled while queued")
+    for conn in (queued, running):
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+    [(generated, finish)] = _wait_for(server.log, rf"{events[0]['id']}: .* (\d+) generated, (\w+)")
+    assert finish == "cancelled" and int(generated) < 1500
+    _wait_for(server.log, "cancelled while queued", count=skipped + 1)
     assert chat(client, USER, max_tokens=2).usage.completion_tokens <= 2  # still serving
 
 
