@@ -256,7 +256,8 @@ def test_long_mp3_is_split_into_30s_segments(client, library):
     content = [{"type": "input_audio", "input_audio": {"data": b64(data), "format": "mp3"}}]
     r = chat(client, [{"role": "user", "content": content}], max_tokens=2)
     text_only = prompt_tokens(library, [{"role": "user", "content": ""}])
-    blocks = library[1]([mlx_gemma3n.user_message("", audio=[soundfile.read(io.BytesIO(data), dtype="float32")])])
+    clip = soundfile.read(io.BytesIO(data), dtype="float32")
+    blocks = library[1]([mlx_gemma3n.user_message("", audio=[clip])])
     assert len(blocks.audio) == 2  # 35 s: two segments, as the CLI splits it
     assert r.usage.prompt_tokens == len(blocks.token_ids) >= text_only + 2 * 188
 
