@@ -67,7 +67,6 @@ SOURCE = """
 """
 
 
-
 @lru_cache(maxsize=None)
 def inverse_frequencies(rope_base: float, head_dim: int) -> mx.array:
     """base^(-i / (D/2)) for i < D/2 in float32, as mx.fast.rope's Metal kernel computes it
