@@ -8,10 +8,11 @@ token (embedding -> decoder -> logits) without running it. Counted: the primitiv
 depend on the step's inputs (the token id and its per-layer-embedding rows, which are read on
 the host), views excluded, a compiled function as one.
 
-MLX-CPU would expand each `mx.fast` op (rms_norm, rope, sdpa) into its fallback ops, and it
-has no Metal kernels to build, so both are replaced here by stand-ins that are one primitive
-each, as they are on a GPU: the kernel factory (`kernels.use_factory`) returns stand-ins
-called with exactly the launch arguments the Metal kernels get.
+MLX-CPU would expand the `mx.fast` ops (rms_norm, rope, sdpa) and `mx.dequantize` into
+their fallback ops, and it has no Metal kernels to build, so both are replaced here by
+stand-ins that are one primitive each, as they are on a GPU: the kernel factory
+(`kernels.use_factory`) returns stand-ins called with exactly the launch arguments the Metal
+kernels get.
 """
 
 import argparse
@@ -29,6 +30,7 @@ from mlx.utils import tree_map
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from convert.converter import _should_quantize  # noqa: E402  (the converter's choice)
 from mlx_gemma3n.config import PRESETS, ModelConfig  # noqa: E402
 from mlx_gemma3n.kernels import set_kernels, use_factory  # noqa: E402
 from mlx_gemma3n.model import Gemma3n  # noqa: E402
@@ -40,7 +42,29 @@ VIEWS = {
 }
 _NODE = re.compile(r'^\{ (\d+) \[label ="([^"]+)"')
 _EDGE = re.compile(r'^"?([^"\s]+)"? -> "?([^"\s]+)"?$')
-FAST_OPS = ("rms_norm", "layer_norm", "rope", "scaled_dot_product_attention")
+
+
+def _like_first(x, *args, **kwargs):
+    return x.shape, x.dtype
+
+
+def _attention(q, k, v, *args, **kwargs):
+    return (*q.shape[:-1], v.shape[-1]), q.dtype
+
+
+def _dequantized(w, scales, *args, bits=None, **kwargs):
+    return (*w.shape[:-1], w.shape[-1] * 32 // (bits or 4)), scales.dtype
+
+
+# Ops that are one kernel on a GPU but that MLX-CPU expands into its fallback ops:
+# (namespace, name, the output's (shape, dtype) from the call's arguments).
+GPU_SINGLE_KERNELS = [
+    (mx.fast, "rms_norm", _like_first),
+    (mx.fast, "layer_norm", _like_first),
+    (mx.fast, "rope", _like_first),
+    (mx.fast, "scaled_dot_product_attention", _attention),
+    (mx, "dequantize", _dequantized),
+]
 
 
 def one_primitive(inputs, shapes, dtypes) -> list:
@@ -50,7 +74,8 @@ def one_primitive(inputs, shapes, dtypes) -> list:
 
 
 class StandIns:
-    """One-primitive stand-ins for the fused kernels and the `mx.fast` ops; counts calls."""
+    """One-primitive stand-ins for the fused kernels and the GPU_SINGLE_KERNELS ops; counts
+    the calls."""
 
     def __init__(self):
         self.calls = Counter()
@@ -63,28 +88,25 @@ class StandIns:
 
         return kernel
 
-    def fast(self, name: str):
-        def op(x, *args, **kwargs):
-            self.calls[f"mx.fast.{name}"] += 1
-            shape = x.shape
-            if name == "scaled_dot_product_attention":
-                shape = (*x.shape[:-1], args[1].shape[-1])  # (q, k, v): v's head width
-            arrays = [x, *args, *kwargs.values()]
-            return one_primitive(arrays, [shape], [x.dtype])[0]
+    def single_kernel(self, name: str, output):
+        def op(*args, **kwargs):
+            self.calls[name] += 1
+            shape, dtype = output(*args, **kwargs)
+            return one_primitive([*args, *kwargs.values()], [shape], [dtype])[0]
 
         return op
 
     @contextmanager
     def installed(self):
-        saved = {name: getattr(mx.fast, name) for name in FAST_OPS}
+        saved = [(space, name, getattr(space, name)) for space, name, _ in GPU_SINGLE_KERNELS]
         try:
-            for name in FAST_OPS:
-                setattr(mx.fast, name, self.fast(name))
+            for space, name, output in GPU_SINGLE_KERNELS:
+                setattr(space, name, self.single_kernel(f"mx.{name}", output))
             with use_factory(self.kernel_factory, self_check=False):
                 yield
         finally:
-            for name, op in saved.items():
-                setattr(mx.fast, name, op)
+            for space, name, op in saved:
+                setattr(space, name, op)
 
 
 def build(shape: str, bits: int, dtype: mx.Dtype) -> Gemma3n:
@@ -95,15 +117,7 @@ def build(shape: str, bits: int, dtype: mx.Dtype) -> Gemma3n:
     lm = model.language_model
     lm.update(tree_map(lambda a: a.astype(dtype), lm.parameters()))
     if bits:
-        # The converter's choice: every Linear/Embedding but each layer's tiny AltUp maps.
-        nn.quantize(
-            lm,
-            group_size=64,
-            bits=bits,
-            class_predicate=lambda path, m: ".altup." not in path
-            and isinstance(m, (nn.Linear, nn.Embedding))
-            and m.weight.shape[-1] % 64 == 0,
-        )
+        nn.quantize(lm, group_size=64, bits=bits, class_predicate=_should_quantize(64))
     return model
 
 

@@ -7,7 +7,9 @@ its default header (MLX's device utils.cuh and cooperative_groups), the caller's
 MLX's embedded device headers registered under `mlx/backend/cuda/device/...`, the CCCL headers
 of MLX's wheel and the CUDA runtime headers on the include path, `--device-as-default-execution-
 space`, for sm_90. `scripts/mlx_cuda_headers.py` (run by `scripts/setup.sh --test`) fetches the
-MLX headers for the installed mlx version.
+MLX headers for the installed mlx version. At launch MLX runs ceil(grid / threadgroup) whole
+blocks of min(threadgroup, grid) threads, so a body must guard positions past its size
+(`metal_executor.options(geometry="cuda")` runs a body in that shape on the CPU).
 
     kernel = compile_cuda_kernel("myexp", ["inp"], ["out"], body, header=prelude,
                                  template=[("T", mx.bfloat16)], input_dtypes=[mx.bfloat16],
@@ -53,6 +55,8 @@ class NvrtcError(RuntimeError):
 
 @dataclass(frozen=True)
 class CompiledKernel:
+    """A kernel NVRTC compiled: the name MLX looks it up by, its symbol, source and cubin."""
+
     name: str          # mlx::core::cu::custom_kernel_...
     lowered_name: str  # the mangled symbol in the cubin
     source: str        # the translation unit

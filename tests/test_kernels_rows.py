@@ -1,13 +1,14 @@
-"""Kernels (a) and (b) executed by the CPU executor: AltUp predict and correct, the attention
-and per-layer-input residual chains and the per-layer-input gate. Every dtype, ragged widths
-(not multiples of 32, wider than one pass of a threadgroup), one and several rows, every lane
-schedule; tolerances in kernel_check.py."""
+"""Kernels (a) and (b) executed by the CPU executor: AltUp predict and correct, the AltUp
+stream entry and exit, the attention and per-layer-input residual chains and the
+per-layer-input gate. Every dtype, ragged widths (not multiples of 32, wider than one pass
+of a threadgroup), one and several rows, every lane schedule; tolerances in kernel_check.py."""
 
 import pytest
 from kernel_check import DTYPES, check_kernel
 
 from mlx_gemma3n.kernels.altup_correct import altup_correct
 from mlx_gemma3n.kernels.altup_predict import altup_predict
+from mlx_gemma3n.kernels.altup_streams import altup_embed, altup_unembed
 from mlx_gemma3n.kernels.attn_residual import attn_residual
 from mlx_gemma3n.kernels.ple_gate import ple_gate
 from mlx_gemma3n.kernels.ple_residual import ple_residual
@@ -55,3 +56,15 @@ def test_ple_residual(dtype, rows, d):
 @pytest.mark.parametrize("rows, p", [(1, 31), (3, 100), (2, 300)])
 def test_ple_gate(dtype, rows, p):
     check_kernel(ple_gate, ple_gate.sample(dtype, rows=rows, p=p))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows, d", SHAPES)
+def test_altup_embed(dtype, rows, d):
+    check_kernel(altup_embed, altup_embed.sample(dtype, rows=rows, d=d))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows, d", SHAPES)
+def test_altup_unembed(dtype, rows, d):
+    check_kernel(altup_unembed, altup_unembed.sample(dtype, rows=rows, d=d))

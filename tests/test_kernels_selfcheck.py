@@ -7,6 +7,7 @@ import warnings
 import mlx.core as mx
 import numpy as np
 import pytest
+from kernel_launches import Counting
 from metal_executor import metal_kernel
 
 from mlx_gemma3n.kernels import FusedOp, use_factory
@@ -26,20 +27,6 @@ def _variant(source: str) -> FusedOp:
         GOOD.sample,
         header=GOOD.spec["header"],
     )
-
-
-class CountingFactory:
-    def __init__(self):
-        self.launches = 0
-
-    def __call__(self, **spec):
-        kernel = metal_kernel(**spec)
-
-        def launch(**kwargs):
-            self.launches += 1
-            return kernel(**kwargs)
-
-        return launch
 
 
 @pytest.mark.parametrize(
@@ -66,12 +53,12 @@ def test_broken_kernel_is_disabled_with_one_warning(edit, reason):
 
 
 def test_good_kernel_checks_itself_once_then_runs():
-    factory = CountingFactory()
+    factory = Counting()
     op = _variant(GOOD.spec["source"])
     args = module.sample(mx.float32, rows=2, d=64)
     with use_factory(factory), warnings.catch_warnings():
         warnings.simplefilter("error")
         for _ in range(2):
             got = op(*args)[0]
-    assert factory.launches == 1 + 2
+    assert len(factory.launches) == 1 + 2
     assert np.allclose(np.array(got), np.array(GOOD.reference(*args)[0]), rtol=1e-5, atol=1e-6)

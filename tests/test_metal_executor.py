@@ -1,12 +1,17 @@
 """The CPU executor for Metal kernel sources (tests/metal_executor): correct, schedule-independent
 results on ragged shapes for float32/float16/bfloat16, and planted bugs caught."""
 
+import sys
+
 import mlx.core as mx
 import numpy as np
 import pytest
 
 from metal_executor import (CompileError, ExecutorError, collect, metal_kernel, options,
                             run_all_schedules)
+
+# The executor relies on ELF section bounds and glibc's ucontext; on macOS kernels run on Metal.
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the CPU executor is Linux-only")
 
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 MANTISSA_BITS = {mx.float16: 10, mx.bfloat16: 7}
@@ -171,7 +176,27 @@ def test_grid_semantics_2d_partial_threadgroups():
     np.testing.assert_array_equal(np.array(tg), (xs // 4) * 10 + ys // 4)
 
 
+def test_cuda_geometry_runs_whole_threadgroups():
+    """Under MLX's cuda_kernel the edge block is whole: an unguarded body writes past the end."""
+    src = "out[thread_position_in_grid.x] = inp[0] + float(threads_per_threadgroup.x);"
+    kern = metal_kernel(name="test_geometry", input_names=["inp"], output_names=["out"], source=src)
+    launch = dict(inputs=[mx.zeros((1,))], grid=(40, 1, 1), threadgroup=(32, 1, 1),
+                  output_shapes=[(40,)], output_dtypes=[mx.float32])
+    np.testing.assert_array_equal(np.array(kern(**launch)[0]), [32] * 32 + [8] * 8)
+    with options(geometry="cuda"), pytest.raises(ExecutorError, match="'out'.*96 bytes past"):
+        kern(**launch)
+
+
 # ---- planted bugs ---------------------------------------------------------------------------
+
+def assert_caught(name, src, match, threads, inp, out_size=None, error=ExecutorError):
+    """Launch a body over `threads` threads (one threadgroup of up to 64) reading `inp` and
+    writing `out` (float32, out_size elements), and expect `error` matching `match`."""
+    kern = metal_kernel(name=name, input_names=["inp"], output_names=["out"], source=src)
+    with pytest.raises(error, match=match):
+        kern(inputs=[inp], grid=(threads, 1, 1), threadgroup=(min(threads, 64), 1, 1),
+             output_shapes=[(out_size or threads,)], output_dtypes=[mx.float32])
+
 
 def test_missing_barrier_is_caught():
     # Each thread reads its neighbour's slot: without the barrier the result depends on order.
@@ -205,11 +230,8 @@ def test_off_by_one_index_is_caught():
         uint i = thread_position_in_grid.x;
         if (i <= inp_shape[0]) out[i] = inp[i > 0 ? i - 1 : 0] * 2.0f;
     """
-    kern = metal_kernel(name="test_off_by_one", input_names=["inp"], output_names=["out"], source=src)
-    x = mx.ones((40,))
-    with pytest.raises(ExecutorError, match="out-of-bounds write to buffer 'out'.*4 bytes past its end"):
-        kern(inputs=[x], grid=(64, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(40,)],
-             output_dtypes=[mx.float32])
+    assert_caught("test_off_by_one", src, "out-of-bounds write to buffer 'out'.*4 bytes past its end",
+                  64, mx.ones((40,)), out_size=40)
 
 
 def test_write_past_end_is_caught_and_reads_past_end_are_nan():
@@ -233,10 +255,8 @@ def test_divergent_simd_collective_is_caught():
         if (thread_index_in_simdgroup < 16) v = simd_sum(v);
         out[thread_position_in_grid.x] = v;
     """
-    kern = metal_kernel(name="test_divergent", input_names=["inp"], output_names=["out"], source=src)
-    with pytest.raises(ExecutorError, match="simd collective under divergent control flow: lane 16"):
-        kern(inputs=[mx.ones((32,))], grid=(32, 1, 1), threadgroup=(32, 1, 1),
-             output_shapes=[(32,)], output_dtypes=[mx.float32])
+    assert_caught("test_divergent", src, "simd collective under divergent control flow: lane 16",
+                  32, mx.ones((32,)))
 
 
 def test_partial_barrier_is_caught():
@@ -246,11 +266,8 @@ def test_partial_barrier_is_caught():
         threadgroup_barrier(mem_flags::mem_threadgroup);
         out[thread_position_in_grid.x] = inp[thread_position_in_grid.x];
     """
-    kern = metal_kernel(name="test_partial_barrier", input_names=["inp"], output_names=["out"],
-                        source=src)
-    with pytest.raises(ExecutorError, match="barrier reached by only part of a threadgroup: 40 of 64"):
-        kern(inputs=[mx.ones((64,))], grid=(64, 1, 1), threadgroup=(64, 1, 1),
-             output_shapes=[(64,)], output_dtypes=[mx.float32])
+    assert_caught("test_partial_barrier", src, "barrier reached by only part of a threadgroup: "
+                  "40 of 64", 64, mx.ones((64,)))
 
 
 def test_unwritten_output_is_caught():
@@ -266,32 +283,48 @@ def test_unwritten_output_is_caught():
     np.testing.assert_array_equal(np.array(filled.astype(mx.float32)), [1, 0] * 5)
 
 
+def test_uninitialised_local_reads_as_nan():
+    src = """
+        float acc;   // forgot = 0
+        for (uint k = 0; k < 4; k++) acc += inp[k];
+        out[thread_position_in_grid.x] = acc;
+    """
+    kern = metal_kernel(name="test_uninit", input_names=["inp"], output_names=["out"], source=src)
+    with options(check_coverage=False):
+        out = kern(inputs=[mx.ones((4,))], grid=(8, 1, 1), threadgroup=(8, 1, 1),
+                   output_shapes=[(8,)], output_dtypes=[mx.float32])[0]
+    assert np.isnan(np.array(out)).all()
+
+
+def test_too_much_threadgroup_memory_is_refused():
+    src = """
+        threadgroup float big[8193];   // 32 KiB + 4 bytes
+        big[thread_index_in_threadgroup] = inp[0];
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        out[thread_position_in_grid.x] = big[0];
+    """
+    assert_caught("test_big_tg", src, "declares 32772 bytes of threadgroup memory; Metal allows "
+                  "32768", 4, mx.ones((1,)))
+
+
 def test_wild_pointer_is_an_error_not_a_crash():
     src = "device float* p = (device float*)(uintptr_t)16; out[0] = p[0] + inp[0];"
-    kern = metal_kernel(name="test_wild", input_names=["inp"], output_names=["out"], source=src)
-    with pytest.raises(ExecutorError, match="segmentation fault in threadgroup"):
-        kern(inputs=[mx.ones((1,))], grid=(1, 1, 1), threadgroup=(1, 1, 1),
-             output_shapes=[(1,)], output_dtypes=[mx.float32])
+    assert_caught("test_wild", src, "segmentation fault in threadgroup", 1, mx.ones((1,)))
 
 
 def test_endless_loop_is_an_error_not_a_hang():
     src = """
         uint i = thread_position_in_grid.x;
-        for (uint k = i; k < 64; k += stride[0]) out[k % 2] = float(k);   // stride 0: endless
+        for (uint k = i; k < 64; k += inp[0]) out[k % 2] = float(k);   // a stride of 0
     """
-    kern = metal_kernel(name="test_endless", input_names=["stride"], output_names=["out"], source=src)
-    with options(timeout_s=1), pytest.raises(ExecutorError, match=r"ran longer than 1 s, last in "
-                                                                  r"threadgroup \(0,0,0\) thread \(0,0,0\)"):
-        kern(inputs=[mx.array([0], mx.uint32)], grid=(2, 1, 1), threadgroup=(2, 1, 1),
-             output_shapes=[(2,)], output_dtypes=[mx.float32])
+    with options(timeout_s=1):
+        assert_caught("test_endless", src, r"ran longer than 1 s, last in threadgroup \(0,0,0\) "
+                      r"thread \(0,0,0\)", 2, mx.array([0], mx.uint32))
 
 
 def test_compile_error_reports_the_log():
-    kern = metal_kernel(name="test_syntax", input_names=["inp"], output_names=["out"],
-                        source="out[0] = inp[0] +;")
-    with pytest.raises(CompileError, match=r"test_syntax.*expected expression"):
-        kern(inputs=[mx.ones((1,))], grid=(1, 1, 1), threadgroup=(1, 1, 1),
-             output_shapes=[(1,)], output_dtypes=[mx.float32])
+    assert_caught("test_syntax", "out[0] = inp[0] +;", r"test_syntax.*expected expression", 1,
+                  mx.ones((1,)), error=CompileError)
 
 
 def test_bad_launch_arguments_are_refused_by_name():

@@ -1,10 +1,16 @@
 """The executor's Metal dialect (tests/metal_executor/shim.h): number formats, vectors, math,
 atomics and per-threadgroup memory behave as on Metal."""
 
+import sys
+
 import mlx.core as mx
 import numpy as np
+import pytest
 
 from metal_executor import metal_kernel
+
+# The executor relies on ELF section bounds and glibc's ucontext; on macOS kernels run on Metal.
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the CPU executor is Linux-only")
 
 
 def launch(name, src, inputs, n, out_dtype):
@@ -81,3 +87,43 @@ def test_threadgroup_memory_is_poisoned_for_every_threadgroup():
     out = kern(inputs=[mx.array([7.0])], grid=(6 * 32, 1, 1), threadgroup=(32, 1, 1),
                output_shapes=[(6,)], output_dtypes=[mx.float32])[0]
     np.testing.assert_array_equal(np.array(out), [7.0] * 6)
+
+
+IDIOMS_SOURCE = """
+    uint i = thread_position_in_grid.x;
+    T x = in0[i];
+    T zero = T(0);
+    T acc = 0.0f;
+    acc += x;
+    acc = acc * 2 + T(1.0f);
+    float cube = float(x) * float(x) * float(x);
+    float g = 0.5f * float(x) * (1.0f + metal::precise::tanh(0.7978845608f * (float(x) + 0.044715f * cube)));
+    bool pos = x > 0;
+    out[i * 8 + 0] = static_cast<T>(float(x) * 0.5f + static_cast<float>(acc));
+    out[i * 8 + 1] = metal::max(x, zero);
+    out[i * 8 + 2] = metal::exp(x);
+    out[i * 8 + 3] = metal::precise::rsqrt(metal::abs(x) + T(1));
+    out[i * 8 + 4] = T(pos && !(x == zero) ? 1 : 0) + (-x);
+    out[i * 8 + 5] = pos ? x : T(0.0f);
+    out[i * 8 + 6] = simd_sum(x);
+    out[i * 8 + 7] = static_cast<T>(g + (FLT_MAX > 1e38f && HALF_MAX == 65504.0h ? 0.0f : NAN)
+                                    + (M_PI_F - 3.14159265f) + (INFINITY > 0 ? 0.0f : 1.0f));
+"""
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+def test_common_idioms_compile_and_compute_for_every_dtype(dtype):
+    x = mx.array(np.linspace(-2, 2.5, 32).astype(np.float32)).astype(dtype)
+    kern = metal_kernel(name="shim_idioms", input_names=["in0"], output_names=["out"],
+                        source=IDIOMS_SOURCE)
+    out = kern(inputs=[x], template=[("T", dtype)], grid=(32, 1, 1), threadgroup=(32, 1, 1),
+               output_shapes=[(256,)], output_dtypes=[dtype])[0]
+    v = np.array(x.astype(mx.float32), np.float64)
+    gelu = 0.5 * v * (1 + np.tanh(0.7978845608 * (v + 0.044715 * v**3)))
+    want = np.stack([v * 0.5 + 2 * v + 1, np.maximum(v, 0), np.exp(v), 1 / np.sqrt(np.abs(v) + 1),
+                     (v > 0) - v, np.where(v > 0, v, 0), np.full_like(v, v.sum()), gelu], 1)
+    eps = {mx.float32: 1e-6, mx.float16: 2.0**-10, mx.bfloat16: 2.0**-7}[dtype]
+    got = np.array(out.astype(mx.float32), np.float64).reshape(32, 8)
+    for col in range(8):   # each idiom within a few roundings of its own scale
+        np.testing.assert_allclose(got[:, col], want[:, col], rtol=4 * eps,
+                                   atol=4 * eps * np.abs(want[:, col]).max(), err_msg=str(col))

@@ -10,14 +10,11 @@ import mlx.core as mx
 
 from .altup_predict import clipped, router_modalities
 from .base import FusedOp
-from .rows import ROW_HEADER, ROW_PREAMBLE, launch_rows, scalars
+from .rows import ROW_HEADER, launch_rows, row_preamble, scalars
 
 SOURCE = (
-    ROW_PREAMBLE
+    row_preamble("predictions")
     + r"""
-  const uint rows = predictions_shape[1];
-  const uint D = predictions_shape[2];
-  const float eps = params[0];
   const float clip = params[1];
   threadgroup float scratch[32 * (N + 1)];
   auto h_row = h + row * D;

@@ -10,14 +10,11 @@ from typing import Optional
 import mlx.core as mx
 
 from .base import FusedOp
-from .rows import ROW_HEADER, ROW_PREAMBLE, launch_rows, scalars
+from .rows import ROW_HEADER, launch_rows, row_preamble, scalars
 
 SOURCE = (
-    ROW_PREAMBLE
+    row_preamble("streams")
     + r"""
-  const uint rows = streams_shape[1];
-  const uint D = streams_shape[2];
-  const float eps = params[0];
   const float clip = params[1];
   threadgroup float scratch[32 * (N + 1)];
 

@@ -5,14 +5,11 @@ its normed copy (what the FFN reads), like mlx-lm's norm_add_norm."""
 import mlx.core as mx
 
 from .base import FusedOp
-from .rows import ROW_HEADER, ROW_PREAMBLE, launch_rows, scalars
+from .rows import ROW_HEADER, launch_rows, row_preamble, scalars
 
 SOURCE = (
-    ROW_PREAMBLE
+    row_preamble("predictions")
     + r"""
-  const uint rows = predictions_shape[1];
-  const uint D = predictions_shape[2];
-  const float eps = params[0];
   threadgroup float scratch[32 * 2];
   auto a_row = attn + row * D;
   auto l_row = laurel_lr + row * D;

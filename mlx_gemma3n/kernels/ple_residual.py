@@ -4,14 +4,11 @@ but the first (which passes through unchanged)."""
 import mlx.core as mx
 
 from .base import FusedOp
-from .rows import ROW_HEADER, ROW_PREAMBLE, launch_rows, scalars
+from .rows import ROW_HEADER, launch_rows, row_preamble, scalars
 
 SOURCE = (
-    ROW_PREAMBLE
+    row_preamble("corrected")
     + r"""
-  const uint rows = corrected_shape[1];
-  const uint D = corrected_shape[2];
-  const float eps = params[0];
   threadgroup float scratch[32];
   auto p_row = projected + row * D;
 

@@ -83,6 +83,18 @@ ROW_PREAMBLE = """
   const uint simds = (threads + 31) / 32;
 """
 
+
+
+def row_preamble(streams: str) -> str:
+    """ROW_PREAMBLE plus `rows` and `D` from the [n, rows, D] input `streams`, and `eps`, the
+    first of the `params` input."""
+    return ROW_PREAMBLE + f"""
+  const uint rows = {streams}_shape[1];
+  const uint D = {streams}_shape[2];
+  const float eps = params[0];
+"""
+
+
 MAX_THREADS = 512
 
 

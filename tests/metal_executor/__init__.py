@@ -5,17 +5,18 @@
                 threadgroup=(tx, ty, tz), output_shapes=[...], output_dtypes=[...])
 
 The source MLX would generate (see source.py) is compiled with clang++ against a small Metal
-shim (shim.h) and run with every thread of a threadgroup as a fiber (runtime.h): barriers and
-simd collectives synchronise for real, threadgroup memory and outputs start as NaN, and every
-buffer sits between canaries. Executor-only controls:
+shim (shim.h) and run with every thread of a threadgroup as a fiber (scheduler.h): barriers
+and simd collectives (collectives.h) synchronise for real, threadgroup memory and outputs start
+as NaN, and every buffer sits between canaries (launch.h, buffers.py). Executor-only controls:
 
     with options(schedule="reverse"):  ...     # or "forward" (default), "shuffle" with seed=
     with options(check_coverage=False): ...    # allow outputs the kernel leaves unwritten
+    with options(geometry="cuda"): ...         # whole edge threadgroups, as MLX's cuda_kernel
     with collect() as diags: ...               # record problems in `diags` instead of raising
     outs = run_all_schedules(lambda: kern(...))  # raises unless every schedule agrees bit for bit
 
 Problems found (out-of-bounds writes, partial barriers, divergent simd collectives, unwritten
-outputs, crashes) raise ExecutorError unless collected.
+outputs, crashes, hangs) raise ExecutorError unless collected.
 """
 
 import contextlib
@@ -33,7 +34,8 @@ __all__ = ["metal_kernel", "options", "collect", "run_all_schedules", "ExecutorE
 SCHEDULES = {"forward": 0, "reverse": 1, "shuffle": 2}
 MAX_THREADS_PER_THREADGROUP = 1024
 _options = {"schedule": "forward", "seed": 0, "check_coverage": True, "stack_kb": 64,
-            "timeout_s": 60}
+            "timeout_s": 60, "geometry": "metal"}
+GEOMETRIES = ("metal", "cuda")
 _collectors = []
 
 
@@ -44,12 +46,16 @@ class ExecutorError(AssertionError):
 @contextlib.contextmanager
 def options(**kw):
     """Temporarily set schedule ("forward"/"reverse"/"shuffle"), seed, check_coverage, stack_kb
-    (per thread) and timeout_s (per launch)."""
+    (per thread), timeout_s (per launch) and geometry: "metal" (partial threadgroups at the
+    grid's edge) or "cuda" (whole threadgroups, threads past the grid run too, as under
+    MLX's cuda_kernel)."""
     unknown = set(kw) - set(_options)
     if unknown:
         raise TypeError(f"metal executor options: unknown {sorted(unknown)}")
     if kw.get("schedule", "forward") not in SCHEDULES:
         raise ValueError(f"metal executor: schedule must be one of {list(SCHEDULES)}")
+    if kw.get("geometry", "metal") not in GEOMETRIES:
+        raise ValueError(f"metal executor: geometry must be one of {list(GEOMETRIES)}")
     saved = dict(_options)
     _options.update(kw)
     try:
@@ -119,7 +125,10 @@ def _check_launch(grid, threadgroup):
 
 
 class metal_kernel:
-    """Same constructor and call as `mx.fast.metal_kernel`; runs on the CPU executor."""
+    """Same constructor and call as `mx.fast.metal_kernel`; runs on the CPU executor.
+
+    `ensure_row_contiguous` is accepted for compatibility: inputs always arrive row-contiguous.
+    """
 
     def __init__(self, name, input_names, output_names, source, header="",
                  ensure_row_contiguous=True, atomic_outputs=False):
@@ -171,9 +180,9 @@ class metal_kernel:
 
     def _launch(self, lib, args, grid, tpg):
         ptrs = (ctypes.c_void_p * max(len(args), 1))(*[a.pointer for a in args])
-        cfg = (ctypes.c_int64 * 10)(*grid, *tpg, SCHEDULES[_options["schedule"]],
+        cfg = (ctypes.c_int64 * 11)(*grid, *tpg, SCHEDULES[_options["schedule"]],
                                     int(_options["seed"]), int(_options["stack_kb"]) * 1024,
-                                    int(_options["timeout_s"]))
+                                    int(_options["timeout_s"]), _options["geometry"] == "cuda")
         err = ctypes.create_string_buffer(2048)
         if lib.mxexec_launch(ptrs, cfg, err, len(err)) != 0:
             _report([f"kernel {self.name}: {err.value.decode(errors='replace')}"])
@@ -181,7 +190,8 @@ class metal_kernel:
     def _coverage(self, outs, dtypes):
         problems = []
         for b, d in zip(outs, dtypes):
-            for pattern, what in ((buffers.POISON, "never written (NaN poison left"),
+            for pattern, what in ((buffers.POISON, "never written (NaN poison left, or "
+                                                   "copied from an uninitialised variable"),
                                   (buffers.TG_POISON, "copied from uninitialised threadgroup "
                                                       "memory (its NaN poison")):
                 idx = b.holding(d, pattern)

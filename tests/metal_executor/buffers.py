@@ -10,7 +10,7 @@ PAD = 4096  # bytes of canary on each side: catches overshoots up to 1024 floats
 # buffer poisons the result too; a write there changes the bytes and is reported.
 CANARY = np.tile(np.array([0xA5, 0xFF], np.uint8), PAD // 2)
 POISON = [0xFF]  # all-ones: NaN in every float type, and no arithmetic result has these bits
-TG_POISON = [0xFE, 0xFF]  # what runtime.h fills threadgroup memory with
+TG_POISON = [0xFE, 0xFF]  # what launch.h fills threadgroup memory with
 FLOAT_DTYPES = (mx.float16, mx.bfloat16, mx.float32, mx.float64)
 
 

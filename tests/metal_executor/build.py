@@ -13,6 +13,8 @@ HERE = Path(__file__).resolve().parent
 # Newest first; _Float16 on x86-64 needs clang >= 15 (Debian's default `clang` 14 lacks it).
 CANDIDATES = [f"clang++-{v}" for v in range(22, 14, -1)] + ["clang++"]
 FLAGS = ["-std=c++20", "-O1", "-fPIC", "-fvisibility=hidden", "-Wno-unknown-attributes",
+         # Uninitialised locals start as NaN (floats) or 0xAA.. (integers), like garbage would.
+         "-ftrivial-auto-var-init=pattern",
          # Metal rounds every half operation to half; clang would keep float intermediates.
          "-Xclang", "-ffloat16-excess-precision=none"]
 
@@ -21,8 +23,8 @@ class CompileError(RuntimeError):
     """clang++ rejected a kernel; the message holds the compiler log and the source path."""
 
 
-def _accepts_float16(cxx):
-    probe = subprocess.run([cxx, "-x", "c++", "-std=c++20", "-fsyntax-only", "-"],
+def _usable(cxx):
+    probe = subprocess.run([cxx, *FLAGS, "-x", "c++", "-fsyntax-only", "-"],
                            input="_Float16 h = 1;", capture_output=True, text=True)
     return probe.returncode == 0
 
@@ -33,11 +35,12 @@ def compiler():
     names = [os.environ["METAL_EXECUTOR_CXX"]] if os.environ.get("METAL_EXECUTOR_CXX") else CANDIDATES
     for name in names:
         path = shutil.which(name)
-        if path and _accepts_float16(path):
+        if path and _usable(path):
             version = subprocess.run([path, "--version"], capture_output=True, text=True)
             return path, version.stdout.splitlines()[0]
-    raise CompileError("metal executor: no clang++ with _Float16 support (clang >= 15) found; "
-                       "`bash scripts/setup.sh --test` installs Debian's clang-19")
+    raise CompileError("metal executor: no clang++ that takes _Float16 and the executor's flags "
+                       f"({' '.join(FLAGS)}) found; `bash scripts/setup.sh --test` installs "
+                       "Debian's clang-19")
 
 
 def cache_dir():
@@ -72,8 +75,7 @@ def translation_unit(gen):
 
 def _shim_digest():
     # Content and mtimes: clang refuses a precompiled header older than its sources.
-    parts = [(HERE / f).read_bytes() + str((HERE / f).stat().st_mtime_ns).encode()
-             for f in ("shim.h", "runtime.h")]
+    parts = [f.read_bytes() + str(f.stat().st_mtime_ns).encode() for f in sorted(HERE.glob("*.h"))]
     return hashlib.sha256(b"".join(parts)).hexdigest()
 
 
@@ -87,7 +89,7 @@ def _compile(cmd, out, what):
 
 
 def _precompiled_runtime(cxx, key):
-    """runtime.h + shim.h precompiled once: they are ~half of every kernel's compile time."""
+    """runtime.h (all the headers here) precompiled once: ~half of every kernel's compile time."""
     pch = cache_dir() / f"runtime-{key}.pch"
     if not pch.exists():
         _compile([cxx, *FLAGS, "-x", "c++-header", str(HERE / "runtime.h")], pch, "runtime.h")

@@ -1,7 +1,9 @@
-// The Metal dialect that MLX's generated kernel sources use, mapped onto C++20 for clang++.
-// Threads are fibers run by runtime.h; every call below that a simdgroup or threadgroup must
-// reach together is a synchronisation point there.
+// The Metal dialect that MLX's generated kernel sources use, mapped onto C++20 for clang++:
+// address spaces, scalar and vector types, constants (here), math (metal_math.h) and what MLX's
+// utils() prelude gives kernels (mlx_utils.h). The builtins that synchronise threads are in
+// collectives.h.
 #pragma once
+#include <cfloat>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -24,6 +26,12 @@ typedef unsigned short ushort;
 typedef unsigned char uchar;
 typedef _Float16 half;
 typedef half float16_t;
+// Metal's half literals (0.5h); C++ reserves suffixes without '_' but clang only warns.
+#pragma clang diagnostic push
+#pragma clang diagnostic ignored "-Wuser-defined-literals"
+constexpr half operator""h(long double x) { return half(x); }
+constexpr half operator""h(unsigned long long x) { return half(x); }
+#pragma clang diagnostic pop
 
 // ---- bfloat16: storage of the upper 16 bits of a float, rounded to nearest even; arithmetic
 // in float, as MLX's own bfloat16 struct does.
@@ -79,6 +87,25 @@ MXEXEC_BF_CMP(==)
 MXEXEC_BF_CMP(!=)
 inline bfloat16_t operator-(bfloat16_t a) { return -bf2f(a); }
 
+// ---- Metal's math constants (FLT_MAX, INFINITY, NAN come from <cfloat>/<cmath>).
+#define MAXFLOAT FLT_MAX
+#define HALF_MAX 65504.0h
+#define HALF_MIN 6.103515625e-05h
+#define HALF_EPSILON 0.0009765625h
+#define M_E_F 2.71828182845904523536f
+#define M_LOG2E_F 1.44269504088896340736f
+#define M_LOG10E_F 0.434294481903251827651f
+#define M_LN2_F 0.693147180559945309417f
+#define M_LN10_F 2.30258509299404568402f
+#define M_PI_F 3.14159265358979323846f
+#define M_PI_2_F 1.57079632679489661923f
+#define M_PI_4_F 0.785398163397448309616f
+#define M_1_PI_F 0.318309886183790671538f
+#define M_2_PI_F 0.636619772367581343076f
+#define M_2_SQRTPI_F 1.12837916709551257390f
+#define M_SQRT2_F 1.41421356237309504880f
+#define M_SQRT1_2_F 0.707106781186547524401f
+
 // ---- vectors: clang ext vectors (swizzles, .xyzw / .rgba, elementwise arithmetic).
 #define MXEXEC_VEC(T, name)                                 \
   typedef T name##2 __attribute__((ext_vector_type(2)));    \
@@ -107,214 +134,5 @@ inline To as_type(From x) {
   return __builtin_bit_cast(To, x);
 }
 
-// ---- metal:: math. Scalars of half/bfloat16 compute in float and round back; vectors apply the
-// scalar function per lane. min/max/fmin/fmax propagate NaN (Metal's drop it): stricter, so a
-// NaN-poisoned read cannot vanish inside a max.
-namespace metal {
-using std::numeric_limits;
-
-#define MXEXEC_UNARY(name, expr)                                              \
-  template <class T, class = std::enable_if_t<is_float_v<T>>>                 \
-  inline T name(T x) {                                                        \
-    float v = static_cast<float>(x);                                          \
-    return static_cast<T>(expr);                                              \
-  }                                                                           \
-  template <class T, int N>                                                   \
-  inline mxvec<T, N> name(mxvec<T, N> x) {                                    \
-    mxvec<T, N> r;                                                            \
-    for (int i = 0; i < N; i++) r[i] = name(T(x[i]));                         \
-    return r;                                                                 \
-  }
-#define MXEXEC_MATH_FUNCS                                                     \
-  MXEXEC_UNARY(exp, std::exp(v))                                              \
-  MXEXEC_UNARY(exp2, std::exp2(v))                                            \
-  MXEXEC_UNARY(exp10, std::pow(10.0f, v))                                     \
-  MXEXEC_UNARY(log, std::log(v))                                              \
-  MXEXEC_UNARY(log2, std::log2(v))                                            \
-  MXEXEC_UNARY(log10, std::log10(v))                                          \
-  MXEXEC_UNARY(sqrt, std::sqrt(v))                                            \
-  MXEXEC_UNARY(rsqrt, 1.0f / std::sqrt(v))                                    \
-  MXEXEC_UNARY(sin, std::sin(v))                                              \
-  MXEXEC_UNARY(cos, std::cos(v))                                              \
-  MXEXEC_UNARY(tan, std::tan(v))                                              \
-  MXEXEC_UNARY(asin, std::asin(v))                                            \
-  MXEXEC_UNARY(acos, std::acos(v))                                            \
-  MXEXEC_UNARY(atan, std::atan(v))                                            \
-  MXEXEC_UNARY(sinh, std::sinh(v))                                            \
-  MXEXEC_UNARY(cosh, std::cosh(v))                                            \
-  MXEXEC_UNARY(tanh, std::tanh(v))                                            \
-  MXEXEC_UNARY(asinh, std::asinh(v))                                          \
-  MXEXEC_UNARY(acosh, std::acosh(v))                                          \
-  MXEXEC_UNARY(atanh, std::atanh(v))                                          \
-  MXEXEC_UNARY(floor, std::floor(v))                                          \
-  MXEXEC_UNARY(ceil, std::ceil(v))                                            \
-  MXEXEC_UNARY(round, std::round(v))                                          \
-  MXEXEC_UNARY(rint, std::rint(v))                                            \
-  MXEXEC_UNARY(trunc, std::trunc(v))                                          \
-  MXEXEC_UNARY(fract, v - std::floor(v))                                      \
-  MXEXEC_UNARY(fabs, std::fabs(v))                                            \
-  MXEXEC_UNARY(saturate, std::isnan(v) ? v : std::fmin(std::fmax(v, 0.0f), 1.0f)) \
-  MXEXEC_UNARY(sign, std::isnan(v) ? v : float((v > 0) - (v < 0)))
-
-#define MXEXEC_BINARY(name, expr)                                             \
-  template <class T, class = std::enable_if_t<is_float_v<T>>>                 \
-  inline T name(T x, T y) {                                                   \
-    float a = static_cast<float>(x), b = static_cast<float>(y);               \
-    return static_cast<T>(expr);                                              \
-  }                                                                           \
-  template <class T, int N>                                                   \
-  inline mxvec<T, N> name(mxvec<T, N> x, mxvec<T, N> y) {                     \
-    mxvec<T, N> r;                                                            \
-    for (int i = 0; i < N; i++) r[i] = name(T(x[i]), T(y[i]));                \
-    return r;                                                                 \
-  }
-#define MXEXEC_NANPROP(op) (std::isnan(a) || std::isnan(b) ? a + b : (op))
-#define MXEXEC_MATH_BINARY                                                    \
-  MXEXEC_BINARY(pow, std::pow(a, b))                                          \
-  MXEXEC_BINARY(powr, std::pow(a, b))                                         \
-  MXEXEC_BINARY(atan2, std::atan2(a, b))                                      \
-  MXEXEC_BINARY(fmod, std::fmod(a, b))                                        \
-  MXEXEC_BINARY(copysign, std::copysign(a, b))                                \
-  MXEXEC_BINARY(step, b < a ? 0.0f : 1.0f)                                    \
-  MXEXEC_BINARY(fmin, MXEXEC_NANPROP(a < b ? a : b))                          \
-  MXEXEC_BINARY(fmax, MXEXEC_NANPROP(a > b ? a : b))                          \
-  MXEXEC_BINARY(divide, a / b)
-
-MXEXEC_MATH_FUNCS
-MXEXEC_MATH_BINARY
-namespace fast {
-MXEXEC_MATH_FUNCS
-MXEXEC_MATH_BINARY
-}  // namespace fast
-namespace precise {
-MXEXEC_MATH_FUNCS
-MXEXEC_MATH_BINARY
-}  // namespace precise
-
-template <class T>
-inline T abs(T x) {
-  if constexpr (is_float_v<T>) return fabs(x);
-  else return x < 0 ? T(-x) : x;
-}
-template <class T>
-inline T min(T a, T b) {
-  if constexpr (is_float_v<T>) return fmin(a, b);
-  else return a < b ? a : b;
-}
-template <class T>
-inline T max(T a, T b) {
-  if constexpr (is_float_v<T>) return fmax(a, b);
-  else return a > b ? a : b;
-}
-template <class T>
-inline T clamp(T x, T lo, T hi) { return min(max(x, lo), hi); }
-template <class T>
-inline T fma(T a, T b, T c) {
-  return static_cast<T>(std::fma(float(a), float(b), float(c)));
-}
-template <class T>
-inline T mix(T x, T y, T a) { return x + (y - x) * a; }
-template <class T>
-inline T select(T a, T b, bool c) { return c ? b : a; }
-template <class T>
-inline bool isnan(T x) { return std::isnan(static_cast<float>(x)); }
-template <class T>
-inline bool isinf(T x) { return std::isinf(static_cast<float>(x)); }
-template <class T>
-inline bool isfinite(T x) { return std::isfinite(static_cast<float>(x)); }
-template <class T>
-inline bool signbit(T x) { return std::signbit(static_cast<float>(x)); }
-template <class T, int N>
-inline T dot(mxvec<T, N> a, mxvec<T, N> b) {
-  T s = T(0);
-  for (int i = 0; i < N; i++) s += T(a[i]) * T(b[i]);
-  return s;
-}
-
-enum class mem_flags { mem_none = 0, mem_device = 1, mem_threadgroup = 2, mem_texture = 4 };
-enum memory_order { memory_order_relaxed };
-}  // namespace metal
-using namespace metal;
-
-// numeric_limits for the two half types (libstdc++ has none for _Float16 on every version).
-template <>
-struct std::numeric_limits<half> {
-  static constexpr bool is_specialized = true;
-  static constexpr half max() { return half(65504.0f); }
-  static constexpr half lowest() { return half(-65504.0f); }
-  static constexpr half min() { return half(6.103515625e-05f); }
-  static constexpr half epsilon() { return half(0.0009765625f); }
-  static constexpr half infinity() { return half(__builtin_inff()); }
-  static constexpr half quiet_NaN() { return half(__builtin_nanf("")); }
-};
-template <>
-struct std::numeric_limits<bfloat16_t> {
-  static constexpr bool is_specialized = true;
-  static constexpr bfloat16_t bits(uint16_t b) { bfloat16_t r{}; r.bits_ = b; return r; }
-  static constexpr bfloat16_t max() { return bits(0x7f7f); }
-  static constexpr bfloat16_t lowest() { return bits(0xff7f); }
-  static constexpr bfloat16_t min() { return bits(0x0080); }
-  static constexpr bfloat16_t epsilon() { return bits(0x3c00); }
-  static constexpr bfloat16_t infinity() { return bits(0x7f80); }
-  static constexpr bfloat16_t quiet_NaN() { return bits(0x7fc0); }
-};
-
-// ---- what MLX's metal::utils() prepends to every custom kernel and kernels commonly use.
-template <typename U>
-struct Limits {
-  static constexpr U max = std::numeric_limits<U>::is_integer || !is_float_v<U>
-                               ? std::numeric_limits<U>::max()
-                               : std::numeric_limits<U>::infinity();
-  static constexpr U min = std::numeric_limits<U>::is_integer || !is_float_v<U>
-                               ? std::numeric_limits<U>::min()
-                               : U(-float(std::numeric_limits<U>::infinity()));
-  static constexpr U finite_max = std::numeric_limits<U>::max();
-  static constexpr U finite_min = std::numeric_limits<U>::lowest();
-};
-inline size_t ceildiv(size_t n, size_t m) { return (n + m - 1) / m; }
-template <class IdxT = int64_t>
-inline IdxT elem_to_loc(IdxT elem, const int* shape, const int64_t* strides, int ndim) {
-  IdxT loc = 0;
-  for (int i = ndim - 1; i >= 0 && elem > 0; --i) {
-    loc += (elem % shape[i]) * IdxT(strides[i]);
-    elem /= shape[i];
-  }
-  return loc;
-}
-
-// ---- atomics (atomic_outputs=True): fibers never run concurrently, so plain memory suffices.
-template <class T>
-struct atomic {
-  T v;
-};
-template <class T, class U>
-inline T atomic_fetch_add_explicit(device atomic<T>* o, U x, memory_order) {
-  T old = o->v; o->v = old + T(x); return old;
-}
-template <class T, class U>
-inline T atomic_fetch_sub_explicit(device atomic<T>* o, U x, memory_order) {
-  T old = o->v; o->v = old - T(x); return old;
-}
-template <class T, class U>
-inline T atomic_fetch_max_explicit(device atomic<T>* o, U x, memory_order) {
-  T old = o->v; o->v = metal::max(old, T(x)); return old;
-}
-template <class T, class U>
-inline T atomic_fetch_min_explicit(device atomic<T>* o, U x, memory_order) {
-  T old = o->v; o->v = metal::min(old, T(x)); return old;
-}
-template <class T, class U>
-inline void atomic_store_explicit(device atomic<T>* o, U x, memory_order) { o->v = T(x); }
-template <class T>
-inline T atomic_load_explicit(device atomic<T>* o, memory_order) { return o->v; }
-template <class T, class U>
-inline T atomic_exchange_explicit(device atomic<T>* o, U x, memory_order) {
-  T old = o->v; o->v = T(x); return old;
-}
-template <class T, class U>
-inline bool atomic_compare_exchange_weak_explicit(device atomic<T>* o, T* expected, U x,
-                                                  memory_order, memory_order) {
-  if (o->v == *expected) { o->v = T(x); return true; }
-  *expected = o->v;
-  return false;
-}
+#include "metal_math.h"
+#include "mlx_utils.h"
