@@ -41,15 +41,15 @@ PARTIAL_SOURCE = f"""
     int n_splits = meta[1];
     int start = split * meta[0];
     int stop = metal::min(int(keys_shape[2]), start + meta[0]);
-    const device T* kb = keys + b * keys_strides[0] + kh * keys_strides[1];
-    const device T* vb = values + b * values_strides[0] + kh * values_strides[1];
+    auto kb = keys + b * keys_strides[0] + kh * keys_strides[1];
+    auto vb = values + b * values_strides[0] + kh * values_strides[1];
 
     float qr[G][E];
     float acc[G][E];
     float m[G];
     float l[G];
     for (int g = 0; g < G; g++) {{
-        const device T* qg = queries + b * queries_strides[0] + (kh * G + g) * queries_strides[1];
+        auto qg = queries + b * queries_strides[0] + (kh * G + g) * queries_strides[1];
         for (int e = 0; e < E; e++) {{
             int d = lane + 32 * e;
             qr[g][e] = d < D ? static_cast<float>(qg[d * queries_strides[3]]) : 0.0f;
@@ -132,7 +132,7 @@ COMBINE_SOURCE = f"""
     uint tid = thread_position_in_threadgroup.x;
     uint tpg = threads_per_threadgroup.x;
     int n = meta[1];
-    const device float* mr = ml + row * n * 2;
+    auto mr = ml + row * n * 2;
     float mx_all = {NEG};
     for (int s = 0; s < n; s++) {{
         mx_all = metal::max(mx_all, mr[2 * s]);

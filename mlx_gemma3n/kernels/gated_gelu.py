@@ -26,7 +26,7 @@ ROW_SETUP = """
     uint nsg = (tpg + 31) / 32;
     uint row = threadgroup_position_in_grid.y;
     uint N = gate_shape[1];
-    const device T* g = gate + row * N;
+    auto g = gate + row * N;
     float cutoff = 0.0f;
 """
 
@@ -76,7 +76,7 @@ def gelu_tanh(x: str) -> str:
 
 
 SOURCE = ROW_SETUP + "    if (SPARSE) " + CUTOFF.lstrip() + f"""
-    const device T* u = up + row * N;
+    auto u = up + row * N;
     device T* o = out + row * N;
     for (uint i = tid; i < N; i += tpg) {{
         float x = static_cast<float>(g[i]);

@@ -33,6 +33,7 @@ SOURCE = """
     uint r = row % R;
     bool is_q = r < H;
     bool is_v = r >= H + HKV;
+    // q, k and v are device buffers (constant only below 8 elements, never a head row)
     const device T* x = is_q ? q + (b * H + r) * D
         : (is_v ? v + (b * HKV + r - H - HKV) * D : k + (b * HKV + r - H) * D);
     device T* y = out + row * D;
@@ -64,7 +65,6 @@ SOURCE = """
         }
     }
 """
-
 
 
 @lru_cache(maxsize=None)

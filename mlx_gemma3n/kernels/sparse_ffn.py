@@ -39,7 +39,7 @@ QUANT = """
 """
 
 UP_SOURCE = ROW_SETUP + CUTOFF + QUANT + f"""
-    const device T* xr = x + row * D;
+    auto xr = x + row * D;
     uint first = threadgroup_position_in_grid.z * UNITS;
     uint last = metal::min(first + UNITS, N);
     for (uint n = first + sg; n < last; n += nsg) {{
@@ -82,7 +82,7 @@ DOWN_SOURCE = QUANT + """
     uint tid = thread_position_in_threadgroup.x;
     uint row = threadgroup_position_in_grid.y;
     uint block = threadgroup_position_in_grid.z * COLS;
-    const device float* ar = act + row * N;
+    auto ar = act + row * N;
     float acc[CPL];
     for (int t = 0; t < CPL; t++) {
         acc[t] = 0.0f;

@@ -9,6 +9,8 @@ import mlx.nn as nn
 
 
 class TransposedLinear(nn.Module):
+    """y = x @ weight, weight [input_dims, output_dims]."""
+
     def __init__(self, input_dims: int, output_dims: int):
         super().__init__()
         scale = input_dims**-0.5
@@ -34,6 +36,8 @@ class TransposedLinear(nn.Module):
 
 
 class QuantizedTransposedLinear(nn.Module):
+    """TransposedLinear with affine-quantized weights (groups along output_dims)."""
+
     def __init__(self, input_dims: int, output_dims: int, group_size: int = 64, bits: int = 4):
         super().__init__()
         self.group_size, self.bits, self.mode = group_size, bits, "affine"
