@@ -1,9 +1,7 @@
-"""Test helpers for the decode kernels: a kernel factory that runs the CPU executor and
-records each launch, and a fixture for kernels that read `<input>_strides`."""
+"""Test helper for the decode kernels: a kernel factory that runs the CPU executor and
+records each launch."""
 
-import numpy as np
-import pytest
-from metal_executor import buffers, metal_kernel
+from metal_executor import metal_kernel
 
 
 class Counting:
@@ -21,12 +19,3 @@ class Counting:
 
         return launch
 
-
-@pytest.fixture
-def contiguous_stride_buffers(monkeypatch):
-    """The executor builds `<input>_strides` from a reversed (non-contiguous) numpy view,
-    which numpy cannot reinterpret as bytes; copy it first. (For the executor's owner to fix;
-    harmless once fixed.)"""
-    int_buffer = buffers.int_buffer
-    monkeypatch.setattr(buffers, "int_buffer", lambda name, values, dtype: int_buffer(
-        name, np.ascontiguousarray(np.asarray(values, dtype)), dtype))

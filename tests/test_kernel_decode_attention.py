@@ -6,14 +6,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from kernel_check import executed, ulp
-from kernel_launches import Counting, contiguous_stride_buffers  # noqa: F401 (fixture)
+from kernel_launches import Counting
 
 from mlx_gemma3n.kernels import decode_attention as attn
 from mlx_gemma3n.kernels import use_factory
 from mlx_gemma3n.mlx_lm_parts import cache as mlx_lm_cache
-
-
-pytestmark = pytest.mark.usefixtures("contiguous_stride_buffers")
 
 
 def _qkv(dtype, B, H, HKV, D, S, seed=0):

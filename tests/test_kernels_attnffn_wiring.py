@@ -8,7 +8,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from kernel_check import DTYPES
-from kernel_launches import Counting, contiguous_stride_buffers  # noqa: F401 (fixture)
+from kernel_launches import Counting
 from metal_executor import metal_kernel
 
 from mlx_gemma3n.kernels import decode_attention, gated_gelu, qkv_norm_rope, sparse_ffn
@@ -20,7 +20,6 @@ from mlx_gemma3n.text.mlp import MLP
 from mlx_gemma3n.text.transposed import QuantizedTransposedLinear, TransposedLinear
 from mlx_gemma3n.tiny import TINY_CONFIG
 
-pytestmark = pytest.mark.usefixtures("contiguous_stride_buffers")
 OPS = [qkv_norm_rope.OP, gated_gelu.OP, decode_attention.PARTIAL, decode_attention.COMBINE,
        sparse_ffn.UP, sparse_ffn.DOWN]
 

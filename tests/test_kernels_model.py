@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from kernel_check import all_kernels
-from kernel_launches import Counting, contiguous_stride_buffers  # noqa: F401 (fixture)
+from kernel_launches import Counting
 
 import mlx_gemma3n
 from mlx_gemma3n.generation import prefill
@@ -43,7 +43,6 @@ def converted(tiny_hf, tmp_path_factory):
                    drop=["audio", "vision"])
 
 
-@pytest.mark.usefixtures("contiguous_stride_buffers")  # decode attention reads strides
 def test_whole_model_through_the_executor_matches_the_reference_path(converted, monkeypatch):
     model = load_model(converted)
     ids = mx.array(np.random.default_rng(5).integers(7, 250, size=(1, 5)))

@@ -176,6 +176,19 @@ def test_grid_semantics_2d_partial_threadgroups():
     np.testing.assert_array_equal(np.array(tg), (xs // 4) * 10 + ys // 4)
 
 
+def test_shape_strides_and_ndim_of_an_input():
+    """A body that reads `<input>_shape`, `<input>_strides` and `<input>_ndim` (row-contiguous
+    element strides, as MLX passes them)."""
+    src = """
+        uint i = thread_position_in_grid.x;
+        out[i] = i < uint(a_ndim) ? int(a_shape[i] * 1000 + a_strides[i]) : a_ndim;
+    """
+    kern = metal_kernel(name="test_strides", input_names=["a"], output_names=["out"], source=src)
+    (out,) = kern(inputs=[mx.zeros((2, 3, 5))], grid=(4, 1, 1), threadgroup=(4, 1, 1),
+                  output_shapes=[(4,)], output_dtypes=[mx.int32])
+    assert np.array(out).tolist() == [2015, 3005, 5001, 3]
+
+
 def test_cuda_geometry_runs_whole_threadgroups():
     """Under MLX's cuda_kernel the edge block is whole: an unguarded body writes past the end."""
     src = "out[thread_position_in_grid.x] = inp[0] + float(threads_per_threadgroup.x);"

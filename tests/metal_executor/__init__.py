@@ -175,7 +175,8 @@ class metal_kernel:
             return buffers.int_buffer("shape", x.shape, np.int32)
         if param.kind == "strides":  # row-contiguous element strides
             strides = np.cumprod([1, *x.shape[::-1]])[:-1][::-1] if x.ndim else []
-            return buffers.int_buffer("strides", strides, np.int64)
+            # copied: a reversed view has a negative stride and cannot be viewed as bytes
+            return buffers.int_buffer("strides", np.ascontiguousarray(strides), np.int64)
         return buffers.int_buffer("ndim", [x.ndim], np.int32)
 
     def _launch(self, lib, args, grid, tpg):
