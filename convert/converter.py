@@ -89,7 +89,7 @@ def _temp_dir_beside(out: Path) -> Path:
 
 
 def _load(src: Path, drop: set):
-    model = load_model(src)
+    model = load_model(src, fuse=False)  # its modules as stored, to slice, cast and write
     parts = [p for p in model.parts if tower_of(p) not in drop]
     print(f"loading {src}: language_model {' '.join(parts)}")
     model.require(*parts)

@@ -12,6 +12,7 @@ from mlx.utils import tree_flatten
 from .config import ModelConfig
 from .layouts import known_layout, quantization_lookup, unsupported_files
 from .model import TOWERS, Gemma3n
+from .text.concat import fuse_projections
 from .text.ple import NAME as PLE_NAME
 from .text.ple import PARTS as PLE_PARTS
 from .text.ple import PerLayerEmbeddingTable
@@ -136,12 +137,16 @@ def load_ple_table(files, config: ModelConfig, quantization) -> PerLayerEmbeddin
     return table
 
 
-def load_model(path: Path, parts: Optional[Iterable[str]] = None, lazy: bool = True) -> Gemma3n:
+def load_model(
+    path: Path, parts: Optional[Iterable[str]] = None, lazy: bool = True, fuse: bool = True
+) -> Gemma3n:
     """Build the model for the checkpoint in `path` and load its text decoder.
 
     `parts` (e.g. "vision_tower", "embed_audio") are loaded now; with `lazy` the others are
     loaded from the same files on first use, else they stay absent. Tensors are read lazily,
-    so the weights of parts never used are never read."""
+    so the weights of parts never used are never read. With `fuse` each decoder layer's q/k/v
+    and gate/up projections are joined into one matvec each (text/concat.py); the converter
+    loads without, to keep the checkpoint's modules."""
     config = read_config(path)
     model = Gemma3n(config)
     files = weight_files(path)
@@ -167,6 +172,8 @@ def load_model(path: Path, parts: Optional[Iterable[str]] = None, lazy: bool = T
         text.pop(f"embed_tokens_per_layer.{name}", None)  # mapped below, never loaded whole
     quantization = quantization_lookup(config.quantization)
     _load_module(model.language_model, text, quantization, "language_model")
+    if fuse:
+        fuse_projections(model.language_model)
     model.language_model.ple_table = load_ple_table(files, config, quantization)
 
     def load_part(part: str, module: nn.Module) -> None:

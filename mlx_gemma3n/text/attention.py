@@ -11,10 +11,12 @@ import mlx.nn as nn
 
 from ..kernels.decode_attention import decode_attention
 from ..kernels.qkv_norm_rope import qkv_norm_rope
+from .concat import join_layers, layer_outputs
 from .config import SLIDING, TextConfig
 from .norm import RMSNorm
 
 KV = Tuple[mx.array, mx.array]
+QKV = ("q_proj", "k_proj", "v_proj")
 
 
 class Attention(nn.Module):
@@ -47,11 +49,9 @@ class Attention(nn.Module):
     ) -> Tuple[mx.array, KV]:
         """Returns the output and the (keys, values) attended over (for KV-shared layers)."""
         B, L, _ = x.shape
-        k = v = k_weight = None
-        if not self.is_kv_shared:
-            k, v, k_weight = self.k_proj(x), self.v_proj(x), self.k_norm.weight
+        k_weight = None if self.is_kv_shared else self.k_norm.weight
         projected = qkv_norm_rope(
-            self.q_proj(x), k, v, self.q_norm.weight, k_weight, self.q_norm.eps,
+            *self._project(x), self.q_norm.weight, k_weight, self.q_norm.eps,
             self.rope_base, offset, self.n_heads, self.n_kv_heads, self.head_dim,
             enabled=self.use_kernels,
         )
@@ -64,3 +64,14 @@ class Attention(nn.Module):
         out = decode_attention(projected[0], *kv, mask=mask, enabled=self.use_kernels)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
         return self.o_proj(out), kv
+
+    def _project(self, x: mx.array) -> tuple:
+        """q, k, v (k and v None on KV-shared layers)."""
+        if self.is_kv_shared:
+            return self.q_proj(x), None, None
+        return tuple(layer_outputs(self, "qkv_proj", QKV, x))
+
+    def fuse_projections(self) -> None:
+        """Compute q, k and v with one matvec from now on (text/concat.py)."""
+        if not self.is_kv_shared:
+            join_layers(self, "qkv_proj", QKV)

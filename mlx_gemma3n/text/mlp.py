@@ -11,7 +11,10 @@ import mlx.nn as nn
 
 from ..kernels.gated_gelu import gated_gelu
 from ..kernels.sparse_ffn import sparse_ffn
+from .concat import join_layers, layer_outputs
 from .transposed import QuantizedTransposedLinear, TransposedLinear
+
+GATE_UP = ("gate_proj", "up_proj")
 
 
 class MLP(nn.Module):
@@ -29,12 +32,25 @@ class MLP(nn.Module):
         self.use_kernels = True  # the fused decode kernels where available (kernels.set_kernels)
 
     def __call__(self, x: mx.array) -> mx.array:
-        gate = self.gate_proj(x)
-        if self._std_multiplier is not None and self.is_transposed_down:
-            return sparse_ffn(x, gate, self.up_proj, self.down_proj, self._std_multiplier,
-                              enabled=self.use_kernels)
-        act = gated_gelu(gate, self.up_proj(x), self._std_multiplier, enabled=self.use_kernels)
+        if self.reads_sparse_rows:
+            return sparse_ffn(x, self.gate_proj(x), self.up_proj, self.down_proj,
+                              self._std_multiplier, enabled=self.use_kernels)
+        gate, up = layer_outputs(self, "gate_up_proj", GATE_UP, x)
+        act = gated_gelu(gate, up, self._std_multiplier, enabled=self.use_kernels)
         return self.down_proj(act)
+
+    def fuse_projections(self) -> None:
+        """Compute gate and up with one matvec from now on (text/concat.py), where their
+        weights can join and up is read whole (not by the sparse FFN, which reads the rows
+        of the surviving units)."""
+        if not self.reads_sparse_rows:
+            join_layers(self, "gate_up_proj", GATE_UP)
+
+    @property
+    def reads_sparse_rows(self) -> bool:
+        """Whether the FFN reads only the surviving units' rows of up and down (a sparse
+        layer whose down_proj is stored transposed)."""
+        return self._std_multiplier is not None and self.is_transposed_down
 
     @property
     def is_transposed_down(self) -> bool:
