@@ -34,6 +34,7 @@ from convert.converter import _should_quantize  # noqa: E402  (the converter's c
 from mlx_gemma3n.config import PRESETS, ModelConfig  # noqa: E402
 from mlx_gemma3n.kernels import set_kernels, use_factory  # noqa: E402
 from mlx_gemma3n.model import Gemma3n  # noqa: E402
+from mlx_gemma3n.text.concat import fuse_projections  # noqa: E402
 
 # Primitives that only re-describe memory: no launch.
 VIEWS = {
@@ -118,6 +119,7 @@ def build(shape: str, bits: int, dtype: mx.Dtype) -> Gemma3n:
     lm.update(tree_map(lambda a: a.astype(dtype), lm.parameters()))
     if bits:
         nn.quantize(lm, group_size=64, bits=bits, class_predicate=_should_quantize(64))
+    fuse_projections(lm)  # as load_model does
     return model
 
 

@@ -41,8 +41,10 @@ class AltUp(nn.Module):
         self.modality_router = nn.Linear(d, n, bias=False)
         self.router_norm = RMSNorm(d, config.rms_norm_eps)
 
-    def predict(self, streams: mx.array, input_norm: RMSNorm, fused: bool):
-        """streams: [n, B, L, D] -> (predicted streams, `input_norm` of the active one)."""
+    def predict(self, streams: mx.array, input_norm: RMSNorm, fused: bool, residual=()):
+        """streams: [n, B, L, D] -> (predicted streams, `input_norm` of the active one).
+        `residual`: the previous layer's (per-layer projection, its norm weight, eps) when
+        that layer left it to be added to streams 1.. here."""
         return altup_predict(
             streams,
             self.router_norm.weight,
@@ -52,6 +54,7 @@ class AltUp(nn.Module):
             self.eps,
             self.coef_clip,
             self.active,
+            *residual,
             enabled=fused,
         )
 

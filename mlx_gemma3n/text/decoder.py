@@ -1,7 +1,7 @@
 """One Gemma 3n decoder layer: AltUp predict -> attention + LAuReL -> FFN -> AltUp correct,
 then the per-layer embedding is gated into the predicted streams."""
 
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -15,6 +15,16 @@ from .config import TextConfig
 from .laurel import LaurelBlock
 from .mlp import MLP
 from .norm import RMSNorm
+
+
+class PendingStreams(NamedTuple):
+    """A layer's output streams before its last step, the normed per-layer projection added
+    to streams 1..: the next layer's AltUp predict adds it as it reads them."""
+
+    corrected: mx.array
+    projected: mx.array
+    norm_w: mx.array
+    eps: float
 
 
 class DecoderLayer(nn.Module):
@@ -41,21 +51,27 @@ class DecoderLayer(nn.Module):
         self.per_layer_input_gate = nn.Linear(d, config.hidden_size_per_layer_input, bias=False)
         self.per_layer_projection = nn.Linear(config.hidden_size_per_layer_input, d, bias=False)
         self.post_per_layer_input_norm = RMSNorm(d, eps)
+        self.is_last = layer_idx == config.num_hidden_layers - 1
 
     def __call__(
         self,
-        streams: mx.array,
+        streams: Union[mx.array, PendingStreams],
         per_layer_input: mx.array,
         mask: Any,
         offset: int,
         cache: Optional[Any] = None,
         shared_kv: Optional[KV] = None,
     ):
-        """streams: [n, B, L, D]; per_layer_input: [B, L, P]. Returns (streams, (keys, values))."""
+        """streams: [n, B, L, D], or the previous layer's PendingStreams; per_layer_input:
+        [B, L, P]. Returns (streams, (keys, values)), the streams pending but on the last
+        layer."""
+        residual = ()
+        if isinstance(streams, PendingStreams):
+            streams, *residual = streams
         # Fused kernels at decode only: a prefill chunk is dominated by its matmuls.
         fused = self.use_kernels and streams.shape[2] == 1
         eps = self.eps
-        predictions, normed = self.altup.predict(streams, self.input_layernorm, fused)
+        predictions, normed = self.altup.predict(streams, self.input_layernorm, fused, residual)
         laurel = self.laurel(normed)
 
         attn, kv = self.self_attn(normed, mask, offset, cache, shared_kv)
@@ -76,11 +92,9 @@ class DecoderLayer(nn.Module):
             self.correct_scale, fused,
         )
         (gated,) = ple_gate(self.per_layer_input_gate(first), per_layer_input, enabled=fused)
-        (streams,) = ple_residual(
-            corrected,
-            self.per_layer_projection(gated),
-            self.post_per_layer_input_norm.weight,
-            eps,
-            enabled=fused,
+        pending = PendingStreams(
+            corrected, self.per_layer_projection(gated), self.post_per_layer_input_norm.weight, eps
         )
-        return streams, kv
+        if not self.is_last:
+            return pending, kv
+        return ple_residual(*pending, enabled=fused)[0], kv
