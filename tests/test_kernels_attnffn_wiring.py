@@ -13,6 +13,7 @@ from metal_executor import metal_kernel
 
 from mlx_gemma3n.kernels import decode_attention, gated_gelu, qkv_norm_rope, sparse_ffn
 from mlx_gemma3n.kernels import use_factory
+from mlx_gemma3n.kernels.altup_predict import altup_predict
 from mlx_gemma3n.mlx_lm_parts import cache as mlx_lm_cache
 from mlx_gemma3n.text.attention import Attention
 from mlx_gemma3n.text.config import GLOBAL, SLIDING, TextConfig
@@ -58,8 +59,13 @@ def _mlp_case(hidden_sparsity, transposed, bits):
     (0.95, False, 0, ["gated_gelu"]),  # an HF checkpoint's layout: no sparse rows to read
     (0.0, False, 4, ["gated_gelu"]),
 ])
-def test_mlp_decode_takes_the_kernels(sparsity, transposed, bits, kernels):
+@pytest.mark.parametrize("joined", [False, True], ids=["apart", "joined"])
+def test_mlp_decode_takes_the_kernels(sparsity, transposed, bits, kernels, joined):
+    """With gate and up apart (as stored) and joined (as loaded, but on the sparse FFN)."""
     mlp, x = _mlp_case(sparsity, transposed, bits)
+    if joined:
+        mlp.fuse_projections()
+    assert ("gate_up_proj" in mlp) == (joined and not transposed)
     assert mlp.is_transposed_down == transposed
     if transposed:
         assert isinstance(mlp.down_proj, QuantizedTransposedLinear if bits else TransposedLinear)
@@ -86,13 +92,16 @@ def test_transposed_linear_quantizes_along_its_output_dims():
 
 
 def _attention_pair(layer_idx):
-    """Two identical attention layers (kernels on, off) of the tiny config."""
+    """Two identical attention layers of the tiny config: kernels on with q/k/v joined (as
+    loaded), kernels off with them apart."""
     config = _text_config()
     mx.random.seed(layer_idx)
     a = Attention(config, layer_idx)
     b = Attention(config, layer_idx)
     b.update(a.parameters())
     b.use_kernels = False
+    a.fuse_projections()
+    assert ("qkv_proj" in a) == (not a.is_kv_shared)
     return config, a, b
 
 
@@ -145,7 +154,7 @@ def _qkv_shared(dtype):
 
 # The template variants the self-check samples do not reach (test_kernels_cuda.py compiles
 # those): the dense activation, a KV-shared layer's q-only rows, attention finished in one
-# split, float and 8-bit sparse FFN weights.
+# split, float and 8-bit sparse FFN weights, the first layer's AltUp predict (no residual).
 CUDA_VARIANTS = [
     (gated_gelu.OP, lambda dt: (*gated_gelu.sample(dt)[:2], None)),
     (qkv_norm_rope.OP, _qkv_shared),
@@ -154,13 +163,14 @@ CUDA_VARIANTS = [
     (sparse_ffn.UP, lambda dt: (*_sparse_args(dt, 8)[:3], 1.6448536)),
     (sparse_ffn.DOWN, lambda dt: (_sparse_args(dt, 0)[0], mx.ones((1, 300)), _sparse_args(dt, 0)[3])),
     (sparse_ffn.DOWN, lambda dt: (_sparse_args(dt, 8)[0], mx.ones((1, 300)), _sparse_args(dt, 8)[3])),
+    (altup_predict, lambda dt: altup_predict.sample(dt, residual=False)),
 ]
 
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16], ids=str)  # each dtype: test_kernels_cuda.py
 @pytest.mark.parametrize("op,make_args", CUDA_VARIANTS,
                          ids=["dense", "kv-shared", "one-split", "up-float", "up-8bit",
-                              "down-float", "down-8bit"])
+                              "down-float", "down-8bit", "predict-first-layer"])
 def test_cuda_variants_compile_with_nvrtc(op, make_args, dtype, monkeypatch):
     from test_kernels_cuda import NvrtcCudaKernel
 

@@ -45,6 +45,9 @@ def converted(tiny_hf, tmp_path_factory):
 
 def test_whole_model_through_the_executor_matches_the_reference_path(converted, monkeypatch):
     model = load_model(converted)
+    sparsity = model.config.text_config.activation_sparsity_pattern
+    # gate/up joined (text/concat.py) but where the sparse FFN reads up's rows
+    assert [("gate_up_proj" in l.mlp) for l in model.language_model.layers] == [s == 0 for s in sparsity]
     ids = mx.array(np.random.default_rng(5).integers(7, 250, size=(1, 5)))
     reference = greedy_logits(model, ids)
 

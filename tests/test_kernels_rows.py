@@ -17,10 +17,14 @@ from mlx_gemma3n.kernels.ple_residual import ple_residual
 SHAPES = [(1, 40), (3, 200), (2, 1100)]
 
 
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "first-layer"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rows, d", SHAPES)
-def test_altup_predict(dtype, rows, d):
-    check_kernel(altup_predict, altup_predict.sample(dtype, rows=rows, d=d, clip=0.5))
+def test_altup_predict(dtype, rows, d, residual):
+    """With the previous layer's per-layer residual applied as the streams are read, and
+    without (the first layer)."""
+    args = altup_predict.sample(dtype, rows=rows, d=d, clip=0.5, residual=residual)
+    check_kernel(altup_predict, args)
 
 
 @pytest.mark.parametrize("active, clip", [(1, None), (2, 0.3)])
