@@ -3,7 +3,7 @@
     python bench/launches.py --shape E2B [--verbose]
 
 Builds the text decoder with the real E2B/E4B shapes and random 4-bit weights (no
-checkpoint, never evaluated), fills the KV caches to 2047 tokens and builds the graph of one
+checkpoint, never evaluated; q/k/v and gate/up joined as `load` joins them), fills the KV caches to 2047 tokens and builds the graph of one
 token (embedding -> decoder -> logits) without running it. Counted: the primitives that
 depend on the step's inputs (the token id and its per-layer-embedding rows, which are read on
 the host), views excluded, a compiled function as one.
