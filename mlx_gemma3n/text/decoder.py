@@ -1,5 +1,7 @@
 """One Gemma 3n decoder layer: AltUp predict -> attention + LAuReL -> FFN -> AltUp correct,
-then the per-layer embedding is gated into the predicted streams."""
+then the per-layer embedding is gated into the predicted streams. That last addition is left
+to the next layer's AltUp predict, which makes it as it reads the streams (one launch fewer
+per layer at decode); the last layer makes it itself."""
 
 from typing import Any, NamedTuple, Optional, Union
 
@@ -63,8 +65,8 @@ class DecoderLayer(nn.Module):
         shared_kv: Optional[KV] = None,
     ):
         """streams: [n, B, L, D], or the previous layer's PendingStreams; per_layer_input:
-        [B, L, P]. Returns (streams, (keys, values)), the streams pending but on the last
-        layer."""
+        [B, L, P]. Returns (streams, (keys, values)): the streams as PendingStreams on every
+        layer but the last."""
         residual = ()
         if isinstance(streams, PendingStreams):
             streams, *residual = streams
