@@ -9,6 +9,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import mlx.core as mx
 import numpy as np
 
+from .file_tensors import read_header
 from .generation import PREFILL_CHUNK, generate_step
 from .loading import load_model, resolve_model_path
 from .mlx_lm_parts import cache as mlx_lm_cache
@@ -128,6 +129,7 @@ class PromptCache:
     def load(cls, file) -> "PromptCache":
         if not Path(file).is_file():
             raise FileNotFoundError(f"prompt cache file not found: {file}")
+        read_header(Path(file))  # raises ValueError unless its tensors tile the data exactly
         with mx.stream(shared_stream()):  # so that any thread may evaluate it
             cache, meta = mlx_lm_cache.load_prompt_cache(str(file), return_metadata=True)
         tokens = [int(t) for t in meta.get("tokens", "").split(",") if t]

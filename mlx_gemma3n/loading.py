@@ -10,6 +10,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ModelConfig
+from .file_tensors import read_header
 from .model import Gemma3n
 from .text.ple import PARTS as PLE_PARTS
 from .text.ple import PerLayerEmbeddingTable
@@ -75,6 +76,7 @@ def read_weights(files: Iterable[Path]) -> Dict[str, mx.array]:
     weights = {}
     for file in files:
         try:
+            read_header(file)  # mx.load does not check that the tensors tile the data
             shard = mx.load(str(file))
         except Exception as e:
             raise CheckpointError(f"cannot read {file} (corrupt or truncated?): {e}") from None

@@ -1,7 +1,8 @@
 """Text decoder configuration, read from either checkpoint dialect."""
 
 import inspect
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from typing import List, Optional
 
 SLIDING = "sliding_attention"
@@ -38,6 +39,7 @@ class TextConfig:
     hidden_activation: str = "gelu_pytorch_tanh"
 
     def __post_init__(self):
+        _check_scalars(self)
         n = self.num_hidden_layers
         if isinstance(self.intermediate_size, int):
             self.intermediate_size = [self.intermediate_size] * n
@@ -47,12 +49,12 @@ class TextConfig:
             self.activation_sparsity_pattern = [0.95] * min(10, n) + [0.0] * max(0, n - 10)
         elif isinstance(self.activation_sparsity_pattern, (int, float)):
             self.activation_sparsity_pattern = [float(self.activation_sparsity_pattern)] * n
-        for name in ("intermediate_size", "layer_types", "activation_sparsity_pattern"):
-            if len(getattr(self, name)) != n:
-                raise ValueError(
-                    f"text_config.{name} has {len(getattr(self, name))} entries, "
-                    f"expected one per layer ({n})"
-                )
+        for name, ok, what in _LISTS:
+            values = getattr(self, name)
+            if not isinstance(values, list) or not all(ok(v) for v in values):
+                raise ValueError(f"text_config.{name} must be a list of {what}, got {values!r}")
+            if len(values) != n:
+                raise ValueError(f"text_config.{name} has {len(values)} entries, expected one per layer ({n})")
         unknown = set(self.layer_types) - {SLIDING, GLOBAL}
         if unknown:
             raise ValueError(f"text_config.layer_types has unknown types {sorted(unknown)}")
@@ -101,3 +103,38 @@ def _check_default_rope(params: dict) -> None:
     kind = params.get("rope_type", params.get("type", "default"))
     if kind != "default":
         raise ValueError(f"unsupported rope_type {kind!r} (only 'default' RoPE is implemented)")
+
+
+# Fields that may be 0; every other integer field must be positive.
+_MAY_BE_ZERO = {"altup_active_idx", "num_kv_shared_layers"}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_LISTS = (
+    ("intermediate_size", lambda v: _is_int(v) and v > 0, "positive integers"),
+    ("layer_types", lambda v: isinstance(v, str), "strings"),
+    ("activation_sparsity_pattern", lambda v: _is_number(v) and 0 <= v < 1, "numbers in [0, 1)"),
+)
+
+
+def _check_scalars(config: "TextConfig") -> None:
+    """A config.json value of the wrong type fails here, by name, not deep inside the model."""
+    rules = {
+        int: (lambda v: _is_int(v) and (v > 0 or (v == 0 and name in _MAY_BE_ZERO)), "a positive integer"),
+        float: (_is_number, "a finite number"),
+        Optional[float]: (lambda v: v is None or _is_number(v), "a finite number or null"),
+        bool: (lambda v: isinstance(v, bool), "true or false"),
+        str: (lambda v: isinstance(v, str), "a string"),
+    }
+    for f in fields(config):
+        name, value = f.name, getattr(config, f.name)
+        ok, rule = rules.get(f.type, (None, None))
+        if ok is not None and not ok(value):
+            raise ValueError(f"text_config.{name} must be {rule}, got {value!r}")
