@@ -1,6 +1,5 @@
 """The Python API for apps: load, generate, stream_generate, chat sessions, prompt caches."""
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,6 +8,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import mlx.core as mx
 import numpy as np
 
+from .checks import is_finite_number, is_int
 from .file_tensors import read_header
 from .generation import PREFILL_CHUNK, generate_step
 from .loading import load_model, resolve_model_path
@@ -61,10 +61,10 @@ class SamplingOptions:
         ]
         for name, ok, rule in checks:
             value = getattr(self, name)
-            if not (_is_number(value) and math.isfinite(value) and ok(value)):
+            if not (is_finite_number(value) and ok(value)):
                 raise ValueError(f"{name} must be {rule}, got {value!r}")
         seed = self.seed
-        if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**64):
+        if seed is not None and not (is_int(seed) and 0 <= seed < 2**64):
             raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
 
     def sampler(self):
@@ -136,10 +136,6 @@ class PromptCache:
         return cls(cache, tokens)
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _check_length(model: Gemma3n, n_tokens: int, max_tokens: int) -> None:
     limit = model.config.text_config.max_position_embeddings
     if n_tokens + max_tokens > limit:
@@ -182,7 +178,7 @@ def stream_tokens(
 def _stream_tokens(model, processor, inputs, prompt_cache, max_tokens, sampling, should_stop, prefill_step_size):
     sampling = sampling or SamplingOptions()
     sampling.validate()
-    if not (isinstance(max_tokens, int) and max_tokens >= 1):
+    if not (is_int(max_tokens) and max_tokens >= 1):
         raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
     all_tokens = prompt_cache.tokens + inputs.token_ids
     _check_length(model, len(all_tokens), max_tokens)

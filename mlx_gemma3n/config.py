@@ -4,6 +4,7 @@ import copy
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+from .checks import is_finite_number, is_int
 from .text.config import TextConfig
 
 SUPPORTED_MODEL_TYPES = ("gemma3n",)
@@ -72,9 +73,9 @@ def _check_field(name: str, value) -> None:
     if name in ("vision_config", "audio_config", "quantization"):
         ok, rule = value is None or isinstance(value, dict), "a JSON object or null"
     elif name.endswith("rms_norm_eps"):
-        ok, rule = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0, "a positive number"
+        ok, rule = is_finite_number(value) and value > 0, "a positive number"
     else:  # token ids, soft-token counts, tower widths and vocabulary ranges
-        ok, rule = isinstance(value, int) and not isinstance(value, bool) and value >= 0, "an integer >= 0"
+        ok, rule = is_int(value) and value >= 0, "an integer >= 0"
     if not ok:
         raise ValueError(f"config.json: {name} must be {rule}, got {value!r}")
 

@@ -1,9 +1,10 @@
 """Text decoder configuration, read from either checkpoint dialect."""
 
 import inspect
-import math
 from dataclasses import dataclass, field, fields
 from typing import List, Optional
+
+from ..checks import is_finite_number, is_int
 
 SLIDING = "sliding_attention"
 GLOBAL = "full_attention"
@@ -109,27 +110,19 @@ def _check_default_rope(params: dict) -> None:
 _MAY_BE_ZERO = {"altup_active_idx", "num_kv_shared_layers"}
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 _LISTS = (
-    ("intermediate_size", lambda v: _is_int(v) and v > 0, "positive integers"),
+    ("intermediate_size", lambda v: is_int(v) and v > 0, "positive integers"),
     ("layer_types", lambda v: isinstance(v, str), "strings"),
-    ("activation_sparsity_pattern", lambda v: _is_number(v) and 0 <= v < 1, "numbers in [0, 1)"),
+    ("activation_sparsity_pattern", lambda v: is_finite_number(v) and 0 <= v < 1, "numbers in [0, 1)"),
 )
 
 
 def _check_scalars(config: "TextConfig") -> None:
     """A config.json value of the wrong type fails here, by name, not deep inside the model."""
     rules = {
-        int: (lambda v: _is_int(v) and (v > 0 or (v == 0 and name in _MAY_BE_ZERO)), "a positive integer"),
-        float: (_is_number, "a finite number"),
-        Optional[float]: (lambda v: v is None or _is_number(v), "a finite number or null"),
+        int: (lambda v: is_int(v) and (v > 0 or (v == 0 and name in _MAY_BE_ZERO)), "a positive integer"),
+        float: (is_finite_number, "a finite number"),
+        Optional[float]: (lambda v: v is None or is_finite_number(v), "a finite number or null"),
         bool: (lambda v: isinstance(v, bool), "true or false"),
         str: (lambda v: isinstance(v, str), "a string"),
     }
