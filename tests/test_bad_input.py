@@ -90,9 +90,9 @@ def bad_config(tmp_path, content) -> str:
     return str(path)
 
 
-def string_hidden_size():
+def with_text(**changes):
     config = json.loads(json.dumps(TINY_CONFIG))
-    config["text_config"]["hidden_size"] = "64"
+    config["text_config"].update(changes)
     return config
 
 
@@ -100,7 +100,10 @@ def string_hidden_size():
     "content,message",
     [
         ([TINY_CONFIG], "config.json must hold a JSON object, got a list"),
-        (string_hidden_size(), "text_config.hidden_size must be a positive integer, got '64'"),
+        (with_text(hidden_size="64"), "text_config.hidden_size must be an integer, got '64'"),
+        (with_text(num_attention_heads=0), "text_config.num_attention_heads must be >= 1, got 0"),
+        (with_text(rms_norm_eps=float("nan")), "text_config.rms_norm_eps must be a finite number, got nan"),
+        (with_text(intermediate_size=[96] * 6 + ["x"]), "text_config.intermediate_size must be a list of positive integers"),
         ({**TINY_CONFIG, "image_token_id": None}, "image_token_id must be an integer >= 0, got None"),
         ({**TINY_CONFIG, "audio_config": [1]}, "audio_config must be a JSON object or null"),
     ],

@@ -117,17 +117,22 @@ _LISTS = (
 )
 
 
+_SCALAR_RULES = {
+    int: (is_int, "an integer"),
+    float: (is_finite_number, "a finite number"),
+    Optional[float]: (lambda v: v is None or is_finite_number(v), "a finite number or null"),
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    str: (lambda v: isinstance(v, str), "a string"),
+}
+
+
 def _check_scalars(config: "TextConfig") -> None:
     """A config.json value of the wrong type fails here, by name, not deep inside the model."""
-    rules = {
-        int: (lambda v: is_int(v) and (v > 0 or (v == 0 and name in _MAY_BE_ZERO)), "a positive integer"),
-        float: (is_finite_number, "a finite number"),
-        Optional[float]: (lambda v: v is None or is_finite_number(v), "a finite number or null"),
-        bool: (lambda v: isinstance(v, bool), "true or false"),
-        str: (lambda v: isinstance(v, str), "a string"),
-    }
     for f in fields(config):
-        name, value = f.name, getattr(config, f.name)
-        ok, rule = rules.get(f.type, (None, None))
-        if ok is not None and not ok(value):
-            raise ValueError(f"text_config.{name} must be {rule}, got {value!r}")
+        value = getattr(config, f.name)
+        ok, rule = _SCALAR_RULES.get(f.type, (lambda v: True, ""))
+        if not ok(value):
+            raise ValueError(f"text_config.{f.name} must be {rule}, got {value!r}")
+        least = 0 if f.name in _MAY_BE_ZERO else 1
+        if f.type is int and value < least:
+            raise ValueError(f"text_config.{f.name} must be >= {least}, got {value}")
