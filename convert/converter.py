@@ -10,13 +10,14 @@ from typing import Iterable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mlx_gemma3n.loading import load_model, resolve_model_path
 from mlx_gemma3n.model import tower_of
 from mlx_gemma3n.saving import ple_specs, write_checkpoint
 from mlx_gemma3n.text.ple import NAME as PLE
 from mlx_gemma3n.text.ple import quantize_blocks
+from mlx_gemma3n.text.transposed import QuantizedTransposedLinear, TransposedLinear
 
 from .matformer import slice_model
 
@@ -42,7 +43,7 @@ def _should_quantize(group_size: int):
     def predicate(path: str, module: nn.Module) -> bool:
         # Each layer's AltUp router and coefficient maps are tiny and steer every stream: keep
         # them exact (the model-level altup_(un)embed_projections are large and quantize).
-        if ".altup." in path or not isinstance(module, (nn.Linear, nn.Embedding)):
+        if ".altup." in path or not isinstance(module, (nn.Linear, nn.Embedding, TransposedLinear)):
             return False
         return module.weight.shape[-1] % group_size == 0
 
@@ -95,7 +96,46 @@ def _load(src: Path, drop: set):
     model.set_part_loader(None)
     for tower in drop:
         setattr(model.config, f"{tower}_config", None)
+    _dequantize(model)
     return model, parts
+
+
+def _dequantize(model) -> None:
+    """A quantized source (ours, mlx-vlm's or mlx-lm's) becomes the float model it computes
+    with, so that the options (dtype, -q) apply to every module as for an HF source."""
+    replaced = []
+    for path, module in model.named_modules():
+        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedTransposedLinear)):
+            weight = mx.dequantize(
+                module.weight, module.scales, module.get("biases"),
+                group_size=module.group_size, bits=module.bits, mode=module.mode,
+            )
+            if isinstance(module, nn.QuantizedEmbedding):
+                plain = nn.Embedding(*weight.shape)
+            elif isinstance(module, QuantizedTransposedLinear):
+                plain = TransposedLinear(*weight.shape)
+            else:
+                plain = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
+                if "bias" in module:
+                    plain.bias = module.bias
+            plain.weight = weight
+            replaced.append((path, plain))
+    model.update_modules(tree_unflatten(replaced))
+    model.config.quantization = None
+
+
+def _transpose_sparse_down(model) -> None:
+    """Store down_proj transposed on the activation-sparse layers, so the sparse FFN kernel
+    reads a surviving unit's weights as one row (text/transposed.py). Runs after
+    `_dequantize`, so every down_proj is a float layer here."""
+    text = model.config.text_config
+    if text.sparse_down_proj_transposed:
+        return
+    layers = model.language_model.layers
+    sparse = [l.mlp for l, s in zip(layers, text.activation_sparsity_pattern) if s > 0]
+    for mlp in sparse:
+        mlp.down_proj = TransposedLinear.from_linear(mlp.down_proj)
+    text.sparse_down_proj_transposed = True
 
 
 def _quantize(model, group_size: int, bits: int, audio_bits: int) -> None:
@@ -151,6 +191,7 @@ def convert(
     if ffn_dims or skip_layers:
         model = slice_model(model, ffn_dims, skip_layers)
     _cast(model, DTYPES[dtype])
+    _transpose_sparse_down(model)
     if quantize:
         _quantize(model, q_group_size, q_bits, q_audio_bits)
     specs, blocks, ple_bits = _ple_output(model, DTYPES[dtype], q_group_size, q_ple_bits if quantize else 0)

@@ -52,8 +52,6 @@ def _kept_layers(model: Gemma3n, skip: Sequence[int]) -> List[int]:
 def slice_model(model: Gemma3n, ffn_dims: Sequence[int] = (), skip_layers: Sequence[int] = ()) -> Gemma3n:
     """A new model holding the slice of `model`'s text decoder; its parts (towers) are moved
     over unchanged. KV-shared layers keep reading the same source layer's cache."""
-    if model.config.quantization:
-        raise SliceError("slice a float checkpoint: this one is already quantized")
     text = model.config.text_config
     dims = _per_layer_dims(ffn_dims, text.intermediate_size)
     kept = _kept_layers(model, skip_layers)
@@ -74,7 +72,8 @@ def slice_model(model: Gemma3n, ffn_dims: Sequence[int] = (), skip_layers: Seque
             if int(index) not in kept:
                 continue
             name = f"layers.{kept.index(int(index))}.{rest}"
-            value = _slice_ffn(rest, value, dims[int(index)])
+            transposed = old.layers[int(index)].mlp.is_transposed_down
+            value = _slice_ffn(rest, value, dims[int(index)], transposed)
         elif name == "per_layer_model_projection.weight":
             value = value.reshape(-1, per_layer, value.shape[-1])[mx.array(kept)].reshape(-1, value.shape[-1])
         weights[name] = value
@@ -88,9 +87,9 @@ def slice_model(model: Gemma3n, ffn_dims: Sequence[int] = (), skip_layers: Seque
     return sliced
 
 
-def _slice_ffn(name: str, value: mx.array, k: int) -> mx.array:
+def _slice_ffn(name: str, value: mx.array, k: int, transposed_down: bool) -> mx.array:
     if name in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
         return value[:k]
     if name == "mlp.down_proj.weight":
-        return value[:, :k]
+        return value[:k] if transposed_down else value[:, :k]
     return value

@@ -1,7 +1,7 @@
 """The Python API for apps: load, generate, stream_generate, chat sessions, prompt caches."""
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Tuple
 
@@ -11,6 +11,7 @@ import numpy as np
 from .checks import is_finite_number, is_int
 from .file_tensors import read_header
 from .generation import PREFILL_CHUNK, generate_step
+from .kernels import set_kernels
 from .loading import load_model, resolve_model_path
 from .mlx_lm_parts import cache as mlx_lm_cache
 from .mlx_lm_parts import sample_utils
@@ -19,11 +20,15 @@ from .model import Gemma3n
 from .processor import Processor, Prompt, PromptInputs, user_message
 
 
-def load(path_or_hub_id: str, text_only: bool = False) -> Tuple[Gemma3n, Processor]:
+def load(
+    path_or_hub_id: str, text_only: bool = False, kernels: bool = True
+) -> Tuple[Gemma3n, Processor]:
     """Load a Gemma 3n checkpoint (local directory or Hub id, HF or MLX-converted).
 
     Returns (model, processor). The audio and vision towers load on first use; with
     `text_only=True` they never do. "demo" is a tiny random-weight model built locally.
+    `kernels=False` decodes through the pure-MLX reference ops instead of the fused Metal/CUDA
+    kernels (as does the environment variable `MLX_GEMMA3N_KERNELS=0`).
 
     May be called from any thread, and the model used from any other: the MLX work runs on
     the package's MLX thread (see `mlx_thread`)."""
@@ -34,6 +39,7 @@ def load(path_or_hub_id: str, text_only: bool = False) -> Tuple[Gemma3n, Process
     else:
         path = resolve_model_path(path_or_hub_id)
     model = on_mlx_thread(lambda: load_model(path, lazy=not text_only))
+    set_kernels(model, kernels)
     return model, Processor.from_pretrained(path, model.config)
 
 
@@ -232,17 +238,19 @@ def stream_generate(
     prompt_cache: Optional[PromptCache] = None,
     **options,
 ) -> Iterator[GenerationResponse]:
-    """Stream the model's reply to `prompt` (a string or chat messages, see `processor`).
+    """Stream the model's reply to `prompt` (a string or chat messages, see `processor`, or
+    the whole prompt already processed into `PromptInputs`).
 
     `options`: `max_tokens`, `sampling` (`SamplingOptions`), `should_stop` (checked between
     tokens, for cancellation) and `prefill_step_size`, as for `stream_tokens`. With a
     `prompt_cache` whose tokens begin the new prompt, only the rest is prefilled; otherwise the
     cache is reset."""
-    inputs = processor(prompt)
+    inputs = replace(prompt) if isinstance(prompt, PromptInputs) else processor(prompt)  # a copy: trimmed below
+    n_cached = len(prompt_cache.tokens) if prompt_cache is not None else 0
     if prompt_cache is None:
         prompt_cache = PromptCache.new(model)
-    elif inputs.token_ids[: len(prompt_cache.tokens)] == prompt_cache.tokens:
-        inputs.token_ids = inputs.token_ids[len(prompt_cache.tokens) :]
+    elif n_cached < len(inputs.token_ids) and inputs.token_ids[:n_cached] == prompt_cache.tokens:
+        inputs.token_ids = inputs.token_ids[n_cached:]
         _drop_cached_media(inputs, processor.config)
     else:
         prompt_cache.cache[:] = model.make_cache()
@@ -301,7 +309,15 @@ class ChatSession:
             messages.insert(0, {"role": "system", "content": self.system})
         inputs = self.processor(messages, add_bos=first)
         if not first:
-            # Close the model's last turn ("<end_of_turn>" may already be its final token).
-            closing = "\n" if self.prompt_cache.tokens[-1] in self.processor.tokenizer.eos_token_ids else "<end_of_turn>\n"
-            inputs.token_ids = self.processor.tokenizer.encode(closing) + inputs.token_ids
+            inputs.token_ids = self.processor.tokenizer.encode(self._closing()) + inputs.token_ids
         yield from stream_tokens(self.model, self.processor, inputs, self.prompt_cache, **kwargs)
+
+    def _closing(self) -> str:
+        """What closes the model's last turn, less what its final token already wrote (it
+        may have ended on "<end_of_turn>")."""
+        closing = self.processor.model_turn_end()
+        tokenizer = self.processor.tokenizer
+        if self.prompt_cache.tokens[-1] in tokenizer.eos_token_ids:
+            for end in filter(None, (tokenizer.decode([i]) for i in tokenizer.eos_token_ids)):
+                closing = closing.removeprefix(end)
+        return closing

@@ -43,6 +43,13 @@ class ModelConfig:
                 f"unsupported model_type {model_type!r} in config.json "
                 f"(expected one of {', '.join(SUPPORTED_MODEL_TYPES)})"
             )
+        hf_quantization = d.get("quantization_config")
+        method = hf_quantization.get("quant_method") if isinstance(hf_quantization, dict) else None
+        if method is not None:
+            raise ValueError(
+                f"this checkpoint is quantized with {method!r} (a transformers quantization), which "
+                "is not supported; use the unquantized checkpoint or an MLX conversion of it"
+            )
         if not isinstance(d.get("text_config"), dict):
             raise ValueError("config.json has no text_config block (a JSON object)")
         kwargs = {k: d[k] for k in cls.__dataclass_fields__ if k in d and k not in ("text_config", "raw")}
@@ -59,6 +66,7 @@ class ModelConfig:
         """The HF-style dict this config was read from, with changes (text decoder shape,
         quantization, dropped towers) written back."""
         d = copy.deepcopy(self.raw)
+        d.pop("quantization_config", None)  # mlx-lm's copy of `quantization`, rewritten below
         d["text_config"].update(asdict(self.text_config))
         for key in ("vision_config", "audio_config", "quantization"):
             if getattr(self, key) is None:

@@ -12,7 +12,7 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Dict, Iterable, Tuple, Union
+from typing import Callable, Dict, Iterable, Optional, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
@@ -135,13 +135,19 @@ def _check_layout(file: Path, header: dict, data_size: int) -> None:
         raise ValueError(f"{file} has {data_size - position} bytes after its last tensor (not a valid safetensors file)")
 
 
-def find_tensors(files: Iterable[Path], names: Iterable[str]) -> Dict[str, FileTensor]:
-    """The tensors called `names`, wherever they are among `files`, for reading by row."""
+def find_tensors(
+    files: Iterable[Path], names: Iterable[str], rename: Callable[[str], Optional[str]] = lambda k: k
+) -> Dict[str, FileTensor]:
+    """The tensors whose stored name maps to one of `names` under `rename`, wherever they are
+    among `files`, for reading by row; keyed by the mapped name."""
     wanted, found = set(names), {}
     for file in files:
         header, data_start = read_header(file)
-        for name in wanted & set(header):
-            info = header[name]
+        for stored in header:
+            name = rename(stored)
+            if name not in wanted:
+                continue
+            info = header[stored]
             found[name] = FileTensor(Path(file), info["dtype"], info["shape"], data_start + info["data_offsets"][0])
     return found
 

@@ -3,7 +3,7 @@
 import json
 import re
 from pathlib import Path
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -11,11 +11,13 @@ from mlx.utils import tree_flatten
 
 from .config import ModelConfig
 from .file_tensors import read_header
-from .model import Gemma3n
+from .layouts import known_layout, quantization_lookup, unsupported_files
+from .model import TOWERS, Gemma3n
+from .text.ple import NAME as PLE_NAME
 from .text.ple import PARTS as PLE_PARTS
 from .text.ple import PerLayerEmbeddingTable
 
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.md"]
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.md"]
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -67,7 +69,9 @@ def weight_files(path: Path) -> list:
         return [path / n for n in names]
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise CheckpointError(f"{path} has no .safetensors weight files")
+        other = unsupported_files(p.name for p in path.iterdir())
+        found = f" (found {other}, a format not supported here)" if other else ""
+        raise CheckpointError(f"{path} has no .safetensors weight files{found}")
     return files
 
 
@@ -101,27 +105,27 @@ def check_weights(model: nn.Module, weights: Dict[str, mx.array]) -> None:
             )
 
 
-def quantize_predicate(weights: Dict[str, mx.array]):
-    """Quantize exactly the modules the checkpoint stores quantized."""
-    return lambda path, module: f"{path}.scales" in weights
+def _load_module(module: nn.Module, weights: Dict[str, mx.array], quantization, prefix: str) -> None:
+    """Load `weights` into `module` (at `prefix` in the model), quantizing exactly the
+    submodules the checkpoint stores quantized, each with its parameters from the config."""
 
+    def predicate(path: str, _) -> Union[bool, dict]:
+        if f"{path}.scales" not in weights:
+            return False
+        params = quantization(f"{prefix}.{path}")
+        if params is None:
+            raise CheckpointError(f"{prefix}.{path} is stored quantized but config.json does not quantize it")
+        return params
 
-def _load_module(module: nn.Module, weights: Dict[str, mx.array], quantization) -> None:
-    if quantization:
-        nn.quantize(
-            module,
-            group_size=quantization["group_size"],
-            bits=quantization["bits"],
-            class_predicate=quantize_predicate(weights),
-        )
+    nn.quantize(module, class_predicate=predicate)
     check_weights(module, weights)
     module.load_weights(list(weights.items()), strict=True)
     module.eval()
 
 
-def load_ple_table(files, config: ModelConfig) -> PerLayerEmbeddingTable:
+def load_ple_table(files, config: ModelConfig, quantization) -> PerLayerEmbeddingTable:
     try:
-        table = PerLayerEmbeddingTable.from_files(files, config.quantization)
+        table = PerLayerEmbeddingTable.from_files(files, quantization(PLE_NAME))
     except (KeyError, ValueError) as e:
         raise CheckpointError(str(e).strip("'")) from None
     c = config.text_config
@@ -143,19 +147,29 @@ def load_model(path: Path, parts: Optional[Iterable[str]] = None, lazy: bool = T
     config = read_config(path)
     model = Gemma3n(config)
     files = weight_files(path)
-    weights = model.sanitize(read_weights(files))
+    stored = read_weights(files)
+    if not known_layout(stored):
+        raise CheckpointError(
+            f"{path} is not a Gemma 3n checkpoint layout this package reads (transformers, "
+            f"mlx-lm, mlx-vlm or its own): tensor names such as {sorted(stored)[:3]}"
+        )
+    weights = model.sanitize(stored)
     by_part = {}
     for key, value in weights.items():
         part, rest = key.split(".", 1)
         by_part.setdefault(part, {})[rest] = value
+    for tower in TOWERS:
+        if not any(p in by_part for p in (f"embed_{tower}", f"{tower}_tower")):
+            setattr(config, f"{tower}_config", None)  # text-only conversions (mlx-lm) keep the block
     unknown = sorted(set(by_part) - {"language_model", *model.parts})
     if unknown:
         raise CheckpointError(f"checkpoint has tensors for unknown part(s) {unknown}")
     text = by_part.pop("language_model", {})
     for name in PLE_PARTS:
         text.pop(f"embed_tokens_per_layer.{name}", None)  # mapped below, never loaded whole
-    _load_module(model.language_model, text, config.quantization)
-    model.language_model.ple_table = load_ple_table(files, config)
+    quantization = quantization_lookup(config.quantization)
+    _load_module(model.language_model, text, quantization, "language_model")
+    model.language_model.ple_table = load_ple_table(files, config, quantization)
 
     def load_part(part: str, module: nn.Module) -> None:
         found = by_part.get(part)
@@ -163,8 +177,7 @@ def load_model(path: Path, parts: Optional[Iterable[str]] = None, lazy: bool = T
             raise CheckpointError(f"{path} has no weights for {part}")
         if hasattr(module, "sanitize"):
             found = module.sanitize(found)
-        quantization = config.quantization or {}
-        _load_module(module, found, quantization.get(part, quantization))
+        _load_module(module, found, quantization, part)
 
     model.set_part_loader(load_part)
     model.require(*(parts or ()))

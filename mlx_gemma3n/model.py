@@ -8,6 +8,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .config import ModelConfig
+from .layouts import checkpoint_key
 from .mlx_thread import shared_stream
 from .multimodal import MultimodalEmbedder
 from .text.model import TextModel
@@ -143,10 +144,11 @@ class Gemma3n(nn.Module):
     # -- weights ----------------------------------------------------------------------------
 
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
-        """HF checkpoint names -> this model's (`language_model.*`, `embed_audio.*`,
-        `vision_tower.*`, ...). Tower-internal layouts are fixed by each tower's `sanitize`
-        when the part is loaded. Already-converted MLX weights pass through unchanged."""
+        """Checkpoint names of any supported layout (see `layouts`) -> this model's
+        (`language_model.*`, `embed_audio.*`, `vision_tower.*`, ...). Tower-internal layouts
+        are fixed by each tower's `sanitize` when the part is loaded."""
         text = self.config.text_config
+        # 2025 checkpoints still carry K/V weights for the KV-shared layers, which compute none.
         shared = tuple(
             f"language_model.layers.{i}.self_attn.{p}."
             for i in range(text.first_kv_shared_layer, text.num_hidden_layers)
@@ -154,10 +156,8 @@ class Gemma3n(nn.Module):
         )
         out = {}
         for key, value in weights.items():
-            key = key.removeprefix("model.")
-            # lm_head is tied to embed_tokens; 2025 checkpoints still carry K/V weights
-            # for the KV-shared layers, which compute none.
-            if not key.startswith("lm_head.") and not key.startswith(shared):
+            key = checkpoint_key(key)
+            if key is not None and not key.startswith(shared):
                 out[key] = value
         return out
 

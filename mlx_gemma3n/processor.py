@@ -10,7 +10,7 @@ A request is a list of chat messages in the transformers format::
 Images may be paths, PIL images or arrays; audio a path, or an `(array, sampling_rate)` pair.
 """
 
-import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Union
@@ -18,7 +18,8 @@ from typing import Any, Callable, List, Optional, Sequence, Union
 import numpy as np
 
 from .config import ModelConfig
-from .tokenizer import Tokenizer
+from .chat_template import ChatTemplate, read_chat_template
+from .tokenizer import Tokenizer, read_json_object, special_tokens
 
 Message = dict
 Prompt = Union[str, List[Message]]
@@ -48,23 +49,32 @@ def user_message(text: str, images: Sequence[Any] = (), audio: Sequence[Any] = (
 
 
 class Processor:
-    """Turns chat messages into `PromptInputs` with Gemma 3n's chat template. The image
-    processor and audio feature extractor are created on first use."""
+    """Turns chat messages into `PromptInputs` with the checkpoint's chat template (Gemma 3n's
+    when it has none). The image processor and audio feature extractor are created on first use."""
 
-    def __init__(self, tokenizer: Tokenizer, config: ModelConfig, preprocessor: Optional[dict] = None):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        config: ModelConfig,
+        preprocessor: Optional[dict] = None,
+        chat_template: Optional[ChatTemplate] = None,
+    ):
         self.tokenizer = tokenizer
         self.config = config
         self.preprocessor = preprocessor or {}
+        self.chat_template = chat_template  # None: the built-in Gemma 3n template
         self._image_processor = None
         self._feature_extractor = None
 
     @classmethod
     def from_pretrained(cls, path: Path, config: ModelConfig) -> "Processor":
-        pre = path / "preprocessor_config.json"
+        """The checkpoint's tokenizer, preprocessor settings and chat template, if it has one."""
+        source = read_chat_template(path)
         return cls(
-            Tokenizer(path / "tokenizer.model"),
+            Tokenizer.from_dir(path),
             config,
-            json.loads(pre.read_text()) if pre.is_file() else None,
+            _preprocessor_settings(path),
+            ChatTemplate(source, special_tokens(path)) if source is not None else None,
         )
 
     # -- template ---------------------------------------------------------------------------
@@ -75,13 +85,16 @@ class Processor:
         add_generation_prompt: bool = True,
         media: Optional[Callable[[dict], str]] = None,
     ) -> str:
-        """Gemma 3n's chat template, without the leading <bos> (added as an id). Each image or
-        audio item becomes what `media(item)` returns (by default one placeholder)."""
+        """The prompt text, without the leading <bos> (added as an id), by the checkpoint's
+        chat template or else the built-in Gemma 3n one. Each image or audio item becomes what
+        `media(item)` returns (by default one placeholder)."""
         media = media or (lambda item: PLACEHOLDERS[item["type"]])
+        if self.chat_template is not None:
+            return _checkpoint_template(self.chat_template, list(messages), add_generation_prompt, media)
         messages = list(messages)
         prefix = ""
-        if messages and messages[0]["role"] == "system":
-            prefix = _text_of(messages.pop(0)["content"]).strip() + "\n\n"
+        if messages and messages[0]["role"] == "system":  # kept as written, as Gemma's template does
+            prefix = _text_of(messages.pop(0)["content"]) + "\n\n"
         out = []
         for i, message in enumerate(messages):
             role = {"assistant": "model"}.get(message["role"], message["role"])
@@ -94,6 +107,17 @@ class Processor:
         if add_generation_prompt:
             out.append("<start_of_turn>model\n")
         return "".join(out)
+
+    def model_turn_end(self) -> str:
+        """The text that closes a model turn in the chat template ("<end_of_turn>\\n" in
+        Gemma's): what the template writes after an assistant message."""
+        mark = "\ue000"  # a private-use character: no template trims or rewrites it
+        messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": mark}]
+        try:
+            text = self.render(messages, add_generation_prompt=False)
+        except ValueError:  # a template that wants another conversation shape
+            return "<end_of_turn>\n"
+        return text.rpartition(mark)[2] if mark in text else "<end_of_turn>\n"
 
     # -- inputs -----------------------------------------------------------------------------
 
@@ -169,6 +193,53 @@ class Processor:
 
             self._feature_extractor = AudioFeatureExtractor.from_dict(self.preprocessor)
         return self._feature_extractor
+
+
+def _preprocessor_settings(path: Path) -> dict:
+    """Image-processor and feature-extractor settings: preprocessor_config.json, or the blocks
+    of the processor_config.json that transformers 5 writes instead."""
+    pre = read_json_object(path / "preprocessor_config.json")
+    if pre:
+        return pre
+    processor = read_json_object(path / "processor_config.json")
+    blocks = [processor.get(k) for k in ("feature_extractor", "image_processor")]
+    return {k: v for block in blocks if isinstance(block, dict) for k, v in block.items()}
+
+
+def _checkpoint_template(template: ChatTemplate, messages: List[Message], add_generation_prompt: bool, media) -> str:
+    """Render with the checkpoint's template, which writes one placeholder per image/audio
+    item; each is then replaced by `media(item)`, in order."""
+    items, view = [], []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            # The template sees a media item by its type only: nothing to serialise or copy.
+            items += [c for c in content if _is_media(c)]
+            content = [{"type": c["type"]} if _is_media(c) else c for c in content]
+        view.append({**message, "content": content})
+    text = template.render(view, add_generation_prompt)
+    bos = template.tokens.get("bos_token")
+    return _fill_media(text[len(bos):] if bos and text.startswith(bos) else text, items, media)
+
+
+def _is_media(item) -> bool:
+    return isinstance(item, dict) and item.get("type") in PLACEHOLDERS
+
+
+def _fill_media(text: str, items: List[dict], media) -> str:
+    pieces = re.split(f"({IMAGE_PLACEHOLDER}|{AUDIO_PLACEHOLDER})", text)
+    queues = {kind: [c for c in items if c["type"] == kind] for kind in PLACEHOLDERS}
+    for kind, placeholder in PLACEHOLDERS.items():
+        written = pieces[1::2].count(placeholder)
+        if written != len(queues[kind]):
+            raise ValueError(
+                f"the checkpoint's chat template wrote {written} {kind} placeholder(s) "
+                f"for {len(queues[kind])} {kind} item(s)"
+            )
+    kinds = {placeholder: kind for kind, placeholder in PLACEHOLDERS.items()}
+    for i in range(1, len(pieces), 2):
+        pieces[i] = media(queues[kinds[pieces[i]]].pop(0))
+    return "".join(pieces)
 
 
 def _content(content, media: Callable[[dict], str]) -> str:

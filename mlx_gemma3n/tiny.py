@@ -122,7 +122,7 @@ def _training_corpus(path: Path, lines: int = 4000, seed: int = 0) -> None:
             f.write(" ".join(rng.choice(_WORDS, size=n)) + "\n")
 
 
-def write_tiny_tokenizer(out_dir) -> Path:
+def write_tiny_tokenizer(out_dir, model_type: str = "unigram") -> Path:
     """Train a SentencePiece model with `VOCAB` pieces and Gemma's special tokens at the ids
     `TINY_CONFIG` names, and write it as `tokenizer.model` (plus a `tokenizer_config.json`)."""
     import sentencepiece as spm
@@ -138,7 +138,7 @@ def write_tiny_tokenizer(out_dir) -> Path:
         input=str(corpus),
         model_prefix=str(prefix),
         vocab_size=n_normal + 4,
-        model_type="unigram",
+        model_type=model_type,
         pad_id=0,
         eos_id=1,
         bos_id=2,

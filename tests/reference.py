@@ -95,3 +95,62 @@ def to_transformers4_dialect(src: Path, dst: Path, model) -> Path:
     index["weight_map"].update({k: "model-kv-shared.safetensors" for k in extra})
     (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return dst
+
+
+# Gemma 3n's chat template, as the released checkpoints ship it: the system prompt, as written,
+# opens the first user turn; text is trimmed; one placeholder per image/audio item.
+GEMMA3N_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- set role = "model" if message['role'] == 'assistant' else message['role'] -%}
+    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'audio' -%}
+                {{ '<audio_soft_token>' }}
+            {%- elif item['type'] == 'image' -%}
+                {{ '<image_soft_token>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- endif -%}
+    {{ '<end_of_turn>\\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{ '<start_of_turn>model\\n' }}
+{%- endif -%}
+"""
+
+
+def save_hf_processor(path: Path, image_size: int = 768) -> None:
+    """The processor files a transformers-5 Gemma 3n checkpoint carries (what the converters
+    copy): tokenizer.json + tokenizer_config.json, processor_config.json, chat_template.jinja."""
+    from transformers import AutoTokenizer, Gemma3nAudioFeatureExtractor, Gemma3nProcessor, SiglipImageProcessor
+
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["extra_special_tokens"] = {
+        "audio_token": "<audio_soft_token>", "boa_token": "<start_of_audio>", "eoa_token": "<end_of_audio>",
+        "image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    images = SiglipImageProcessor(size={"height": image_size, "width": image_size}, resample=2, do_normalize=False)
+    processor = Gemma3nProcessor(
+        Gemma3nAudioFeatureExtractor(), images, AutoTokenizer.from_pretrained(path), chat_template=GEMMA3N_TEMPLATE
+    )
+    processor.save_pretrained(path)

@@ -173,3 +173,19 @@ def test_empty_token_prompt_is_refused(loaded):
 def test_subprocess_user_error_has_no_traceback():
     r = run_cli("--model", "/nonexistent/model", "--prompt", "hi")
     assert r.returncode == 1 and "Traceback" not in r.stderr and "model path not found" in r.stderr
+
+
+def test_stream_generate_takes_processed_inputs_and_leaves_them_intact(loaded):
+    model, processor = loaded
+    inputs = processor("hello world")
+    ids = list(inputs.token_ids)
+    assert tokens(mlx_gemma3n.stream_generate(model, processor, inputs, max_tokens=8)) == tokens(
+        mlx_gemma3n.stream_generate(model, processor, "hello world", max_tokens=8)
+    )
+    # a cache holding exactly the prompt is reset (nothing would be left to prefill), not reused
+    cache = PromptCache.new(model)
+    list(mlx_gemma3n.stream_generate(model, processor, inputs, prompt_cache=cache, max_tokens=1))
+    cache.tokens = cache.tokens[: len(ids)]
+    again = tokens(mlx_gemma3n.stream_generate(model, processor, inputs, prompt_cache=cache, max_tokens=8))
+    assert again == tokens(mlx_gemma3n.stream_generate(model, processor, inputs, max_tokens=8))
+    assert inputs.token_ids == ids

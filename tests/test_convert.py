@@ -12,6 +12,7 @@ from convert import convert
 from convert import converter as convert_module
 from convert.cli import main as convert_main
 from mlx_gemma3n.loading import load_model
+from mlx_gemma3n.text.transposed import QuantizedTransposedLinear
 
 IDS = np.random.default_rng(0).integers(7, 250, size=(1, 40))
 
@@ -75,24 +76,28 @@ def test_quantized_stays_close(tiny_hf, ref, tmp_path, bits, max_err, min_cos):
 
 
 def test_quantized_model_equals_its_dequantized_weights(tiny_hf, tmp_path):
-    """The quantized forward is exactly the float forward on the dequantized weights."""
+    """The quantized forward is exactly the float forward on the dequantized weights; the
+    sparse layers' down_proj is stored transposed ([hidden, dims], quantized along dims)."""
     out = convert(tiny_hf[0], tmp_path / "q4", dtype="float32", quantize=True, q_bits=4, q_group_size=32)
     quant = load_model(out)
     deq = load_model(tiny_hf[0])
     n_quantized = 0
     for path, module in quant.language_model.named_modules():
-        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedTransposedLinear)):
             n_quantized += 1
             w = mx.dequantize(module.weight, module.scales, module.biases, group_size=32, bits=4)
             target = deq.language_model
             for name in path.split("."):
                 target = target[int(name)] if name.isdigit() else getattr(target, name)
-            target.weight = w
+            target.weight = w.T if isinstance(module, QuantizedTransposedLinear) else w
     assert n_quantized > 20
     lm = quant.language_model
     assert isinstance(lm.altup_projections[0], nn.QuantizedLinear)
     assert isinstance(lm.layers[0].altup.modality_router, nn.Linear)
     assert not isinstance(lm.layers[0].altup.modality_router, nn.QuantizedLinear)
+    sparsity = quant.config.text_config.activation_sparsity_pattern
+    transposed = [isinstance(layer.mlp.down_proj, QuantizedTransposedLinear) for layer in lm.layers]
+    assert transposed == [s > 0 for s in sparsity] and any(transposed)
     deq.language_model.ple_table = quant.language_model.ple_table  # gathers dequantized rows
     a, b = np.array(quant(mx.array(IDS))), np.array(deq(mx.array(IDS)))
     assert rel_err(a, b) < 1e-5

@@ -99,3 +99,15 @@ def test_bad_slices_are_refused(tiny_hf, tmp_path, kwargs, message):
     with pytest.raises(SliceError, match=message):
         convert(tiny_hf[0], tmp_path / "bad", dtype="float32", **kwargs)
     assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_slice_of_a_converted_checkpoint(tiny_hf, tmp_path):
+    """A converted float checkpoint stores the sparse layers' down_proj transposed; slicing
+    it gives the model that slicing the HF checkpoint gives."""
+    full = convert(tiny_hf[0], tmp_path / "full", dtype="float32")
+    assert json.loads((full / "config.json").read_text())["text_config"]["sparse_down_proj_transposed"]
+    from_converted = convert(full, tmp_path / "a", dtype="float32", ffn_dims=FFN, skip_layers=SKIP)
+    from_hf = convert(tiny_hf[0], tmp_path / "b", dtype="float32", ffn_dims=FFN, skip_layers=SKIP)
+    ids = mx.array(np.random.default_rng(1).integers(7, 250, size=(1, 12)))
+    a, b = load_model(from_converted)(ids), load_model(from_hf)(ids)
+    assert mx.array_equal(a, b)

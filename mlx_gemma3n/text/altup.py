@@ -1,11 +1,30 @@
 """AltUp (Alternating Updates): several residual streams, one of which the layer computes;
-the others are predicted before the layer and corrected after it."""
+the others are predicted before the layer and corrected after it.
+
+The op sequences live beside their fused kernels in `mlx_gemma3n.kernels`; `fused` picks
+the kernel where one can run."""
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..kernels.altup_correct import altup_correct
+from ..kernels.altup_predict import altup_predict
 from .config import TextConfig
 from .norm import RMSNorm
+
+
+def dense_weight(linear: nn.Module) -> mx.array:
+    """The float weight of a Linear, dequantized when a checkpoint stored it quantized."""
+    if isinstance(linear, nn.QuantizedLinear):
+        return mx.dequantize(
+            linear.weight,
+            linear.scales,
+            linear.get("biases"),
+            group_size=linear.group_size,
+            bits=linear.bits,
+            mode=linear.mode,
+        )
+    return linear.weight
 
 
 class AltUp(nn.Module):
@@ -15,37 +34,51 @@ class AltUp(nn.Module):
         self.num_inputs = n
         self.active = config.altup_active_idx
         self.coef_clip = config.altup_coef_clip
+        self.eps = config.rms_norm_eps
         self.correct_output_scale = mx.zeros((d,))
         self.correction_coefs = nn.Linear(n, n, bias=False)
         self.prediction_coefs = nn.Linear(n, n * n, bias=False)
         self.modality_router = nn.Linear(d, n, bias=False)
         self.router_norm = RMSNorm(d, config.rms_norm_eps)
-        self._router_input_scale = d**-1.0
 
-    def _coefs(self, linear: nn.Linear, modalities: mx.array) -> mx.array:
-        w = linear.weight
-        if self.coef_clip is not None:
-            w = mx.clip(w, -self.coef_clip, self.coef_clip)
-        return modalities @ w.T
+    def predict(self, streams: mx.array, input_norm: RMSNorm, fused: bool):
+        """streams: [n, B, L, D] -> (predicted streams, `input_norm` of the active one)."""
+        return altup_predict(
+            streams,
+            self.router_norm.weight,
+            dense_weight(self.modality_router),
+            self.prediction_coefs.weight,
+            input_norm.weight,
+            self.eps,
+            self.coef_clip,
+            self.active,
+            enabled=fused,
+        )
 
-    def router_modalities(self, x: mx.array) -> mx.array:
-        return mx.tanh(self.modality_router(self.router_norm(x) * self._router_input_scale))
-
-    def predict(self, streams: mx.array) -> mx.array:
-        """streams: [n, B, L, D] -> predicted streams, same shape."""
-        n = self.num_inputs
-        modalities = self.router_modalities(streams[self.active])
-        coefs = self._coefs(self.prediction_coefs, modalities)
-        coefs = coefs.reshape(*modalities.shape[:-1], n, n).swapaxes(-1, -2)
-        mixed = mx.matmul(streams.transpose(1, 2, 3, 0), coefs).transpose(3, 0, 1, 2)
-        return mixed + streams
-
-    def correct(self, predictions: mx.array, activated: mx.array) -> mx.array:
-        """Propagate the computed stream's innovation to every stream."""
-        modalities = self.router_modalities(activated)
-        innovation = activated - predictions[self.active]
-        coefs = self._coefs(self.correction_coefs, modalities) + 1.0
-        return innovation[None] * coefs.transpose(2, 0, 1)[..., None] + predictions
-
-    def scale_corrected_output(self, x: mx.array) -> mx.array:
-        return x * self.correct_output_scale
+    def correct(
+        self,
+        predictions: mx.array,
+        h: mx.array,
+        ffn_out: mx.array,
+        post_ffn_norm: RMSNorm,
+        scaled: bool,
+        fused: bool,
+    ):
+        """Propagate the computed stream's innovation (h + post_ffn_norm(ffn_out), the
+        layer's output) to every stream. Returns (corrected streams, the corrected active
+        stream, times correct_output_scale when `scaled`)."""
+        return altup_correct(
+            predictions,
+            h,
+            ffn_out,
+            post_ffn_norm.weight,
+            self.router_norm.weight,
+            dense_weight(self.modality_router),
+            self.correction_coefs.weight,
+            self.correct_output_scale,
+            self.eps,
+            self.coef_clip,
+            self.active,
+            scaled,
+            enabled=fused,
+        )

@@ -1,10 +1,16 @@
-"""Self-attention with q/k/v RMS norms, per-type RoPE, sliding windows and KV sharing."""
+"""Self-attention with q/k/v RMS norms, per-type RoPE, sliding windows and KV sharing.
+
+The norms and RoPE (kernels/qkv_norm_rope.py) and the attention itself
+(kernels/decode_attention.py) are fused kernels at decode where available; the modules'
+norm weights are what the checkpoint stores (v's norm has none)."""
 
 from typing import Any, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..kernels.decode_attention import decode_attention
+from ..kernels.qkv_norm_rope import qkv_norm_rope
 from .config import SLIDING, TextConfig
 from .norm import RMSNorm
 
@@ -29,24 +35,7 @@ class Attention(nn.Module):
             self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False)
             self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False)
             self.k_norm = RMSNorm(hd, config.rms_norm_eps)
-            self.v_norm = RMSNorm(hd, config.rms_norm_eps, with_scale=False)
-
-    def _rope(self, x: mx.array, offset: int) -> mx.array:
-        return mx.fast.rope(
-            x, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offset
-        )
-
-    def _heads(self, x: mx.array, n: int) -> mx.array:
-        B, L, _ = x.shape
-        return x.reshape(B, L, n, self.head_dim).transpose(0, 2, 1, 3)
-
-    def project_kv(self, x: mx.array, offset: int, cache: Optional[Any]) -> KV:
-        """Keys and values for `x`, appended to `cache`; returns what attention reads."""
-        keys = self._rope(self.k_norm(self._heads(self.k_proj(x), self.n_kv_heads)), offset)
-        values = self.v_norm(self._heads(self.v_proj(x), self.n_kv_heads))
-        if cache is not None:
-            keys, values = cache.update_and_fetch(keys, values)
-        return keys, values
+        self.use_kernels = True  # the fused decode kernels where available (kernels.set_kernels)
 
     def __call__(
         self,
@@ -56,9 +45,22 @@ class Attention(nn.Module):
         cache: Optional[Any] = None,
         shared_kv: Optional[KV] = None,
     ) -> Tuple[mx.array, KV]:
+        """Returns the output and the (keys, values) attended over (for KV-shared layers)."""
         B, L, _ = x.shape
-        queries = self._rope(self.q_norm(self._heads(self.q_proj(x), self.n_heads)), offset)
-        kv = shared_kv if self.is_kv_shared else self.project_kv(x, offset, cache)
-        out = mx.fast.scaled_dot_product_attention(queries, *kv, scale=1.0, mask=mask)
+        k = v = k_weight = None
+        if not self.is_kv_shared:
+            k, v, k_weight = self.k_proj(x), self.v_proj(x), self.k_norm.weight
+        projected = qkv_norm_rope(
+            self.q_proj(x), k, v, self.q_norm.weight, k_weight, self.q_norm.eps,
+            self.rope_base, offset, self.n_heads, self.n_kv_heads, self.head_dim,
+            enabled=self.use_kernels,
+        )
+        if self.is_kv_shared:
+            kv = shared_kv
+        elif cache is not None:
+            kv = cache.update_and_fetch(*projected[1:])
+        else:
+            kv = tuple(projected[1:])
+        out = decode_attention(projected[0], *kv, mask=mask, enabled=self.use_kernels)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
         return self.o_proj(out), kv

@@ -38,6 +38,9 @@ class TextConfig:
     num_kv_shared_layers: int = 10
     activation_sparsity_pattern: Optional[List[float]] = None
     hidden_activation: str = "gelu_pytorch_tanh"
+    # Written by our converter: down_proj of the activation-sparse layers is stored
+    # transposed, [hidden, dims] (see text/transposed.py). HF checkpoints never set it.
+    sparse_down_proj_transposed: bool = False
 
     def __post_init__(self):
         _check_scalars(self)

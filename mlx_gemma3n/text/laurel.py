@@ -14,4 +14,6 @@ class LaurelBlock(nn.Module):
         self.post_laurel_norm = RMSNorm(dims, eps)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return x + self.post_laurel_norm(self.linear_right(self.linear_left(x)))
+        """The low-rank branch. Its post-norm and the residual `x + ...` are applied with the
+        attention residual (kernels/attn_residual.py)."""
+        return self.linear_right(self.linear_left(x))

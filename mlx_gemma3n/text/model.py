@@ -5,6 +5,7 @@ from typing import Any, List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..kernels.altup_streams import STREAMS, altup_embed, altup_unembed
 from ..mlx_lm_parts import base as mlx_lm_base
 from ..mlx_lm_parts import cache as mlx_lm_cache
 from .config import SLIDING, TextConfig
@@ -13,19 +14,9 @@ from .norm import RMSNorm
 from .ple import PerLayerEmbeddingTable
 
 
-def _match_magnitude(x: mx.array, target: mx.array) -> mx.array:
-    """Rescale x to the per-token RMS `target` (AltUp stream entry/exit)."""
-    rms = mx.sqrt(mx.maximum(mx.mean(x * x, axis=-1, keepdims=True), 1e-5))
-    return x * target / rms
-
-
 def _scale(value: float, dtype: mx.Dtype) -> mx.array:
     # Rounded to the table's dtype first, as the reference does (sqrt(2048) is 45.25 in bf16).
     return mx.array(value, dtype=mx.float32).astype(dtype)
-
-
-def _rms(x: mx.array) -> mx.array:
-    return mx.sqrt(mx.mean(x * x, axis=-1, keepdims=True))
 
 
 class TextModel(nn.Module):
@@ -50,6 +41,7 @@ class TextModel(nn.Module):
         self.layers = [DecoderLayer(config, i) for i in range(n_layers)]
         self._kv_sources = [config.kv_source(i) for i in range(n_layers)]
         self.norm = RMSNorm(d, config.rms_norm_eps)
+        self.use_kernels = True  # the fused decode kernels where available (kernels.set_kernels)
 
     # -- embeddings -------------------------------------------------------------------------
 
@@ -117,11 +109,11 @@ class TextModel(nn.Module):
         offset = cache[0].offset if cache[0] is not None else 0
         per_layer = self.per_layer_inputs(inputs_embeds, per_layer_embeds)
 
-        target = _rms(inputs_embeds)
-        streams = [inputs_embeds] + [
-            _match_magnitude(p(inputs_embeds), target) for p in self.altup_projections
-        ]
-        h = mx.stack(streams, axis=0)
+        # the AltUp stream entry and exit kernels are written for the released 4 streams
+        fused = self.use_kernels and inputs_embeds.shape[1] == 1 and c.altup_num_inputs == STREAMS
+        (h,) = altup_embed(
+            inputs_embeds, *(p(inputs_embeds) for p in self.altup_projections), enabled=fused
+        )
 
         masks = self._masks(inputs_embeds, cache)
         kvs = {}
@@ -136,9 +128,9 @@ class TextModel(nn.Module):
             )
             kvs[i] = kv
 
-        target = _rms(h[0])
-        streams = [h[0]] + [
-            _match_magnitude(p(h[k + 1]), target)
-            for k, p in enumerate(self.altup_unembed_projections)
-        ]
-        return self.norm(mx.mean(mx.stack(streams, axis=0), axis=0))
+        # streams 1.. as slices (views; an integer index would gather)
+        projected = (
+            p(h[k + 1 : k + 2].squeeze(0)) for k, p in enumerate(self.altup_unembed_projections)
+        )
+        (out,) = altup_unembed(h, self.norm.weight, self.norm.eps, *projected, enabled=fused)
+        return out

@@ -13,6 +13,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..file_tensors import FileTensor, find_tensors
+from ..layouts import checkpoint_key
 
 NAME = "language_model.embed_tokens_per_layer"
 PARTS = ("weight", "scales", "biases")
@@ -26,9 +27,10 @@ class PerLayerEmbeddingTable:
         biases: Optional[FileTensor] = None,
         group_size: int = 64,
         bits: int = 8,
+        mode: str = "affine",
     ):
-        self.weight, self.scales, self.biases = weight, scales, biases
-        self.group_size, self.bits = group_size, bits
+        self.weight, self.scales, self.biases = weight, scales, biases  # no biases outside "affine"
+        self.group_size, self.bits, self.mode = group_size, bits, mode
         self.num_rows = weight.shape[0]
         self.dims = weight.shape[1] * 32 // bits if scales is not None else weight.shape[1]
         self.columns: Optional[np.ndarray] = None
@@ -48,15 +50,17 @@ class PerLayerEmbeddingTable:
 
     @classmethod
     def from_files(cls, files: Iterable[Path], quantization: Optional[dict]) -> "PerLayerEmbeddingTable":
-        """Find the table in the checkpoint shards (HF or MLX names), to be read by row."""
-        names = {f"{prefix}{NAME}.{p}": p for prefix in ("model.", "") for p in PARTS}
-        mapped = {names[k]: v for k, v in find_tensors(files, names).items()}
+        """Find the table in the checkpoint shards (any layout), to be read by row;
+        `quantization` holds its parameters if it is stored quantized."""
+        found = find_tensors(files, [f"{NAME}.{p}" for p in PARTS], checkpoint_key)
+        mapped = {k.rsplit(".", 1)[1]: v for k, v in found.items()}
         if "weight" not in mapped:
             raise KeyError(f"checkpoint lacks {NAME}.weight")
         if "scales" not in mapped:
             return cls(mapped["weight"])
-        q = (quantization or {}).get(NAME, quantization)
-        return cls(mapped["weight"], mapped["scales"], mapped["biases"], q["group_size"], q["bits"])
+        if quantization is None:
+            raise ValueError(f"{NAME} is stored quantized but config.json does not quantize it")
+        return cls(mapped["weight"], mapped["scales"], mapped.get("biases"), **quantization)
 
     def __call__(self, ids: mx.array) -> mx.array:
         """Rows for `ids` (any shape) -> [*ids.shape, dims], dequantized. A repeated id is
@@ -67,8 +71,9 @@ class PerLayerEmbeddingTable:
     def rows(self, ids: Union[np.ndarray, slice]) -> mx.array:
         w = self.weight.rows(ids)
         if self.quantized:
+            biases = None if self.biases is None else self.biases.rows(ids)
             w = mx.dequantize(
-                w, self.scales.rows(ids), self.biases.rows(ids), group_size=self.group_size, bits=self.bits
+                w, self.scales.rows(ids), biases, group_size=self.group_size, bits=self.bits, mode=self.mode
             )
         return w if self.columns is None else w[..., mx.array(self.columns)]
 
