@@ -8,11 +8,14 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import mlx.core as mx
 import numpy as np
 
+from .checks import is_finite_number, is_int
+from .file_tensors import read_header
 from .generation import PREFILL_CHUNK, generate_step
 from .kernels import set_kernels
 from .loading import load_model, resolve_model_path
 from .mlx_lm_parts import cache as mlx_lm_cache
 from .mlx_lm_parts import sample_utils
+from .mlx_thread import mlx_thread, on_mlx_thread, shared_stream
 from .model import Gemma3n
 from .processor import Processor, Prompt, PromptInputs, user_message
 
@@ -25,14 +28,17 @@ def load(
     Returns (model, processor). The audio and vision towers load on first use; with
     `text_only=True` they never do. "demo" is a tiny random-weight model built locally.
     `kernels=False` decodes through the pure-MLX reference ops instead of the fused Metal/CUDA
-    kernels (as does the environment variable `MLX_GEMMA3N_KERNELS=0`)."""
+    kernels (as does the environment variable `MLX_GEMMA3N_KERNELS=0`).
+
+    May be called from any thread, and the model used from any other: the MLX work runs on
+    the package's MLX thread (see `mlx_thread`)."""
     if path_or_hub_id == "demo":
         from .demo import demo_checkpoint
 
-        path = demo_checkpoint()
+        path = on_mlx_thread(demo_checkpoint)
     else:
         path = resolve_model_path(path_or_hub_id)
-    model = load_model(path, lazy=not text_only)
+    model = on_mlx_thread(lambda: load_model(path, lazy=not text_only))
     set_kernels(model, kernels)
     return model, Processor.from_pretrained(path, model.config)
 
@@ -50,21 +56,37 @@ class SamplingOptions:
     seed: Optional[int] = None
 
     def validate(self) -> None:
-        """Raise ValueError naming the first option out of range."""
+        """Raise ValueError naming the first option that is not a finite number in range."""
         checks = [
-            ("temperature", self.temperature >= 0, ">= 0"),
-            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
-            ("top_k", self.top_k >= 0, ">= 0 (0 disables it)"),
-            ("min_p", 0 <= self.min_p < 1, "in [0, 1)"),
-            ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
-            ("repetition_context_size", self.repetition_context_size > 0, "> 0"),
+            ("temperature", lambda v: v >= 0, ">= 0"),
+            ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+            ("top_k", lambda v: v >= 0 and v == int(v), "an integer >= 0 (0 disables it)"),
+            ("min_p", lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("repetition_penalty", lambda v: v > 0, "> 0"),
+            ("repetition_context_size", lambda v: v > 0 and v == int(v), "an integer > 0"),
         ]
         for name, ok, rule in checks:
-            if not ok:
-                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not (is_finite_number(value) and ok(value)):
+                raise ValueError(f"{name} must be {rule}, got {value!r}")
+        seed = self.seed
+        if seed is not None and not (is_int(seed) and 0 <= seed < 2**64):
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
 
     def sampler(self):
-        return sample_utils.make_sampler(self.temperature, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k)
+        """A new sampler. Its draws depend on `seed` alone (a fresh random seed if None), not on
+        the thread nor on other generations sampling in between: each step seeds MLX's
+        (thread-local) generator from a sequence of its own."""
+        sample = sample_utils.make_sampler(self.temperature, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k)
+        if self.temperature == 0:
+            return sample
+        seeds = np.random.default_rng(self.seed)
+
+        def seeded(logprobs: mx.array) -> mx.array:
+            mx.random.seed(int(seeds.integers(2**63)))
+            return sample(logprobs)
+
+        return seeded
 
     def logits_processors(self):
         if self.repetition_penalty == 1.0:
@@ -113,7 +135,9 @@ class PromptCache:
     def load(cls, file) -> "PromptCache":
         if not Path(file).is_file():
             raise FileNotFoundError(f"prompt cache file not found: {file}")
-        cache, meta = mlx_lm_cache.load_prompt_cache(str(file), return_metadata=True)
+        read_header(Path(file))  # raises ValueError unless its tensors tile the data exactly
+        with mx.stream(shared_stream()):  # so that any thread may evaluate it
+            cache, meta = mlx_lm_cache.load_prompt_cache(str(file), return_metadata=True)
         tokens = [int(t) for t in meta.get("tokens", "").split(",") if t]
         return cls(cache, tokens)
 
@@ -149,15 +173,21 @@ def stream_tokens(
     prefill_step_size: int = PREFILL_CHUNK,
 ) -> Iterator[GenerationResponse]:
     """Generate after `inputs`, whose ids continue `prompt_cache.tokens`. The lower-level
-    entry point shared by `stream_generate` and `ChatSession`."""
+    entry point shared by `stream_generate` and `ChatSession`.
+
+    Callable from any thread, by several at once: each step runs on the package's MLX thread
+    (see `mlx_thread`), where `should_stop` is called too."""
+    steps = _stream_tokens(model, processor, inputs, prompt_cache, max_tokens, sampling, should_stop, prefill_step_size)
+    return mlx_thread().iterate(steps)
+
+
+def _stream_tokens(model, processor, inputs, prompt_cache, max_tokens, sampling, should_stop, prefill_step_size):
     sampling = sampling or SamplingOptions()
     sampling.validate()
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1 (got {max_tokens})")
+    if not (is_int(max_tokens) and max_tokens >= 1):
+        raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
     all_tokens = prompt_cache.tokens + inputs.token_ids
     _check_length(model, len(all_tokens), max_tokens)
-    if sampling.seed is not None:
-        mx.random.seed(sampling.seed)
 
     tic = time.perf_counter()
     image, audio = _multimodal_features(model, processor, inputs)

@@ -4,6 +4,7 @@ import copy
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+from .checks import is_finite_number, is_int
 from .text.config import TextConfig
 
 SUPPORTED_MODEL_TYPES = ("gemma3n",)
@@ -34,6 +35,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"config.json must hold a JSON object, got a {type(d).__name__}")
         model_type = d.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
@@ -47,12 +50,16 @@ class ModelConfig:
                 f"this checkpoint is quantized with {method!r} (a transformers quantization), which "
                 "is not supported; use the unquantized checkpoint or an MLX conversion of it"
             )
-        if "text_config" not in d:
-            raise ValueError("config.json has no text_config block")
-        kwargs = {k: d[k] for k in cls.__dataclass_fields__ if k in d and k != "text_config"}
+        if not isinstance(d.get("text_config"), dict):
+            raise ValueError("config.json has no text_config block (a JSON object)")
+        kwargs = {k: d[k] for k in cls.__dataclass_fields__ if k in d and k not in ("text_config", "raw")}
+        for key, value in kwargs.items():
+            _check_field(key, value)
         for key, defaults in TOWER_DEFAULTS.items():
             if kwargs.get(key) is not None:
                 kwargs[key] = {**defaults, **kwargs[key]}
+                for name in defaults:
+                    _check_field(f"{key}.{name}", kwargs[key][name])
         return cls(text_config=TextConfig.from_dict(d["text_config"]), raw=copy.deepcopy(d), **kwargs)
 
     def to_dict(self) -> dict:
@@ -67,6 +74,18 @@ class ModelConfig:
             else:
                 d[key] = copy.deepcopy(getattr(self, key))
         return d
+
+
+def _check_field(name: str, value) -> None:
+    """Top-level fields and the tower fields the text side reads: objects or numbers, by name."""
+    if name in ("vision_config", "audio_config", "quantization"):
+        ok, rule = value is None or isinstance(value, dict), "a JSON object or null"
+    elif name.endswith("rms_norm_eps"):
+        ok, rule = is_finite_number(value) and value > 0, "a positive number"
+    else:  # token ids, soft-token counts, tower widths and vocabulary ranges
+        ok, rule = is_int(value) and value >= 0, "an integer >= 0"
+    if not ok:
+        raise ValueError(f"config.json: {name} must be {rule}, got {value!r}")
 
 
 def _preset(layers: int, intermediate: int, kv_shared: int) -> dict:

@@ -3,6 +3,7 @@ network and no weights. It runs the whole pipeline (text, image and audio); what
 meaningless."""
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -18,7 +19,7 @@ from .saving import ple_specs, write_checkpoint
 from .text.ple import NAME as PLE
 from .tiny import TINY_CONFIG, write_tiny_tokenizer
 
-DEMO_VERSION = "2"
+DEMO_VERSION = "3"
 
 
 def cache_dir() -> Path:
@@ -31,14 +32,19 @@ def _random_model(seed: int) -> Gemma3n:
     model = Gemma3n(ModelConfig.from_dict(TINY_CONFIG))
     for part in model.parts:
         setattr(model, part, model.build_part(part))
-    # Matrices are random already; perturb the constant vectors (norm scales of 1, zero
-    # AltUp output scales) which would otherwise switch whole paths off.
-    model.update(tree_map(_perturb_vector, model.parameters()))
+    model.update(tree_map(_randomize, model.parameters()))
     return model
 
 
-def _perturb_vector(a: mx.array) -> mx.array:
-    return a + 0.2 * mx.random.normal(a.shape, dtype=a.dtype) if a.ndim == 1 else a
+def _randomize(a: mx.array) -> mx.array:
+    """Every tensor random: a constant one (norm scales of 1, zero AltUp output scales, the
+    vision tower's zero-initialised kernels) would switch a whole path off. Vectors are
+    perturbed around their initial value; matrices and kernels ([out, ..., in]) are drawn with
+    standard deviation 1/sqrt(fan-in), so activations keep their scale layer after layer."""
+    noise = mx.random.normal(a.shape, dtype=a.dtype)
+    if a.ndim == 1:
+        return a + 0.2 * noise
+    return noise / math.sqrt(math.prod(a.shape[1:]))
 
 
 def _ple_blocks(rows: int, dims: int, seed: int, block: int = 4096):

@@ -26,6 +26,14 @@ DTYPES = {
     "U8": (np.uint8, mx.uint8),
 }
 NAMES = {mlx: name for name, (_, mlx) in DTYPES.items()}
+# Bytes per element of every safetensors dtype, for checking the layout of any file.
+ITEMSIZES = {
+    **{t: 1 for t in ("BOOL", "U8", "I8", "F8_E4M3", "F8_E5M2")},
+    **{t: 2 for t in ("U16", "I16", "F16", "BF16")},
+    **{t: 4 for t in ("U32", "I32", "F32")},
+    **{t: 8 for t in ("U64", "I64", "F64", "C64")},
+}
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 
 
 class FileTensor:
@@ -73,16 +81,58 @@ class FileTensor:
 
 
 def read_header(file: Path) -> Tuple[dict, int]:
-    """(header dict, byte offset where tensor data starts)."""
+    """(header dict, byte offset where tensor data starts), after checking that the tensors
+    tile the data exactly, as the safetensors format requires (and its own library checks;
+    `mx.load` does not: overlapping offsets would silently alias one tensor to another)."""
     with open(file, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
             raise ValueError(f"{file} is not a safetensors file (too short)")
         (n,) = struct.unpack("<Q", raw)
+        if n > MAX_HEADER_BYTES:
+            raise ValueError(f"{file} is not a safetensors file (header size {n} bytes)")
         header = f.read(n)
     if len(header) < n:
         raise ValueError(f"{file} is truncated (header cut short)")
-    return json.loads(header), 8 + n
+    try:
+        header = json.loads(header)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f"{file} is not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{file} is not a safetensors file (its header is not a JSON object)")
+    _check_layout(file, header, Path(file).stat().st_size - 8 - n)
+    return header, 8 + n
+
+
+def _check_layout(file: Path, header: dict, data_size: int) -> None:
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            itemsize, shape, (begin, end) = ITEMSIZES[info["dtype"]], info["shape"], info["data_offsets"]
+            nbytes = int(np.prod(shape, dtype=np.int64)) * itemsize
+        except (TypeError, KeyError, ValueError):
+            raise ValueError(f"{file}: tensor {name} has a malformed header entry: {info!r:.200}") from None
+        if end - begin != nbytes:
+            raise ValueError(f"{file}: tensor {name} has data_offsets {[begin, end]} for {nbytes} bytes of data")
+        spans.append((begin, end, name))
+    spans.sort()
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise ValueError(
+                f"{file}: tensors {first} and {second} overlap; the safetensors format forbids "
+                "overlapping data_offsets (one tensor would silently read another's bytes)"
+            )
+    position = 0
+    for begin, end, name in spans:
+        if begin != position:
+            raise ValueError(f"{file}: a gap of {begin - position} bytes before tensor {name}; the safetensors format forbids gaps")
+        position = end
+    if position > data_size:
+        raise ValueError(f"{file} is truncated: its tensors need {position} bytes of data, it holds {data_size}")
+    if position < data_size:
+        raise ValueError(f"{file} has {data_size - position} bytes after its last tensor (not a valid safetensors file)")
 
 
 def find_tensors(
@@ -93,16 +143,12 @@ def find_tensors(
     wanted, found = set(names), {}
     for file in files:
         header, data_start = read_header(file)
-        size = Path(file).stat().st_size
         for stored in header:
             name = rename(stored)
             if name not in wanted:
                 continue
             info = header[stored]
-            begin, end = info["data_offsets"]
-            if data_start + end > size:
-                raise ValueError(f"{file} is truncated: tensor {stored} runs past the end")
-            found[name] = FileTensor(Path(file), info["dtype"], info["shape"], data_start + begin)
+            found[name] = FileTensor(Path(file), info["dtype"], info["shape"], data_start + info["data_offsets"][0])
     return found
 
 

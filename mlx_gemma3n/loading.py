@@ -10,6 +10,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ModelConfig
+from .file_tensors import read_header
 from .layouts import known_layout, quantization_lookup, unsupported_files
 from .model import TOWERS, Gemma3n
 from .text.concat import fuse_projections
@@ -80,6 +81,7 @@ def read_weights(files: Iterable[Path]) -> Dict[str, mx.array]:
     weights = {}
     for file in files:
         try:
+            read_header(file)  # mx.load does not check that the tensors tile the data
             shard = mx.load(str(file))
         except Exception as e:
             raise CheckpointError(f"cannot read {file} (corrupt or truncated?): {e}") from None

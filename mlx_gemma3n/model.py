@@ -9,6 +9,7 @@ from mlx.utils import tree_flatten
 
 from .config import ModelConfig
 from .layouts import checkpoint_key
+from .mlx_thread import shared_stream
 from .multimodal import MultimodalEmbedder
 from .text.model import TextModel
 
@@ -49,8 +50,10 @@ class Gemma3n(nn.Module):
                 continue
             if self._part_loader is None:
                 raise ValueError(f"{part} is not loaded (the model was loaded text-only)")
-            module = self.build_part(part)
-            self._part_loader(part, module)
+            # Built on the shared stream, a part's arrays may be evaluated from any thread.
+            with mx.stream(shared_stream()):
+                module = self.build_part(part)
+                self._part_loader(part, module)
             setattr(self, part, module)
 
     @property

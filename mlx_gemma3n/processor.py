@@ -125,7 +125,7 @@ class Processor:
         self, prompt: Prompt, add_bos: bool = True, add_generation_prompt: bool = True
     ) -> PromptInputs:
         """Messages (or a plain user prompt) -> token ids plus preprocessed images/audio."""
-        messages = [user_message(prompt)] if isinstance(prompt, str) else prompt
+        messages = as_messages(prompt)
         images, clips = [], []
 
         def load_media(item: dict) -> str:
@@ -158,11 +158,21 @@ class Processor:
     def audio_segments(self, source) -> List[np.ndarray]:
         """Load audio (a path, or an `(array, sampling_rate)` pair) as 16 kHz clips of at most
         30 s: longer audio is split at quiet points (see `split_audio`), one placeholder each."""
-        from .audio.io import load_audio
+        from .audio.io import SAMPLING_RATE, AudioError, load_audio
         from .audio.prompt import split_audio
 
         samples = load_audio(*source) if isinstance(source, tuple) else load_audio(source)
-        return split_audio(samples)
+        segments = split_audio(samples)
+        if self.feature_extractor.num_frames(len(segments[-1])) == 0:  # no feature frame at all
+            if len(segments) > 1:
+                return segments[:-1]  # a remnant shorter than a frame after the last cut
+            name = "audio array" if isinstance(source, tuple) else str(source)
+            need = self.feature_extractor.frame_length + 1  # a frame also reads one sample before it
+            raise AudioError(
+                f"{name} is {1000 * len(samples) / SAMPLING_RATE:.1f} ms long, shorter than one analysis "
+                f"frame: at least {need} samples at 16 kHz ({1000 * need / SAMPLING_RATE:.1f} ms) are needed"
+            )
+        return segments
 
     def audio_features(self, clips: Sequence[np.ndarray]):
         """Clips -> (log-mel [N, T, 128], valid-frame mask [N, T]), padded to the longest."""
@@ -251,3 +261,48 @@ def _text_of(content) -> str:
     if isinstance(content, str):
         return content
     return "".join(c["text"] for c in content if c.get("type") == "text")
+
+
+def as_messages(prompt: Prompt) -> List[Message]:
+    """A plain prompt as one user message; chat messages checked for the shape the template
+    needs, so that a malformed prompt fails by name (never as a KeyError or a tokenizer cast
+    error)."""
+    if isinstance(prompt, str):
+        prompt = [user_message(prompt)]
+    if not isinstance(prompt, (list, tuple)):
+        raise ValueError(f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
+    for i, message in enumerate(prompt):
+        where = f"message {i}"
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ValueError(f"{where} must be a dict with a string 'role', got {message!r:.80}")
+        content = message.get("content")
+        if isinstance(content, str):
+            _check_text(content, where)
+        elif isinstance(content, (list, tuple)):
+            for item in content:
+                _check_item(item, where)
+        else:
+            raise ValueError(f"{where} ({message['role']}) needs 'content': a string or a list of items")
+    return list(prompt)
+
+
+def _check_item(item, where: str) -> None:
+    kind = item.get("type") if isinstance(item, dict) else None
+    if kind not in ("text", *PLACEHOLDERS):
+        raise ValueError(f"{where}: content items must be dicts of type text, image or audio, got {item!r:.80}")
+    if kind not in item:
+        raise ValueError(f"{where}: a {kind} item needs a {kind!r} entry")
+    if kind == "text":
+        _check_text(item["text"], where)
+
+
+def _check_text(text, where: str) -> None:
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: text must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{where}: text holds a lone surrogate {text[e.start]!r} at position {e.start}, which is "
+            "not valid Unicode (decode bytes with errors='replace', or fix the source)"
+        ) from None

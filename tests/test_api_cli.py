@@ -50,7 +50,7 @@ def test_demo_model_runs_text_image_and_audio(tmp_path):
     r = run_cli(*args, "--image", str(ASSETS / "cat.png"), "--audio", str(ASSETS / "speech.flac"), env=env)
     assert r.returncode == 0, r.stderr
     assert "random-weight" in r.stderr and r.stdout.strip()
-    assert (tmp_path / "demo-v2" / "per_layer_embeddings.safetensors").is_file()
+    assert (tmp_path / "demo-v3" / "per_layer_embeddings.safetensors").is_file()
 
 
 def test_cli_end_to_end_with_image_and_audio(tiny_hf):

@@ -1,8 +1,10 @@
 """Text decoder configuration, read from either checkpoint dialect."""
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import List, Optional
+
+from ..checks import is_finite_number, is_int
 
 SLIDING = "sliding_attention"
 GLOBAL = "full_attention"
@@ -41,6 +43,7 @@ class TextConfig:
     sparse_down_proj_transposed: bool = False
 
     def __post_init__(self):
+        _check_scalars(self)
         n = self.num_hidden_layers
         if isinstance(self.intermediate_size, int):
             self.intermediate_size = [self.intermediate_size] * n
@@ -50,12 +53,12 @@ class TextConfig:
             self.activation_sparsity_pattern = [0.95] * min(10, n) + [0.0] * max(0, n - 10)
         elif isinstance(self.activation_sparsity_pattern, (int, float)):
             self.activation_sparsity_pattern = [float(self.activation_sparsity_pattern)] * n
-        for name in ("intermediate_size", "layer_types", "activation_sparsity_pattern"):
-            if len(getattr(self, name)) != n:
-                raise ValueError(
-                    f"text_config.{name} has {len(getattr(self, name))} entries, "
-                    f"expected one per layer ({n})"
-                )
+        for name, ok, what in _LISTS:
+            values = getattr(self, name)
+            if not isinstance(values, list) or not all(ok(v) for v in values):
+                raise ValueError(f"text_config.{name} must be a list of {what}, got {values!r}")
+            if len(values) != n:
+                raise ValueError(f"text_config.{name} has {len(values)} entries, expected one per layer ({n})")
         unknown = set(self.layer_types) - {SLIDING, GLOBAL}
         if unknown:
             raise ValueError(f"text_config.layer_types has unknown types {sorted(unknown)}")
@@ -104,3 +107,35 @@ def _check_default_rope(params: dict) -> None:
     kind = params.get("rope_type", params.get("type", "default"))
     if kind != "default":
         raise ValueError(f"unsupported rope_type {kind!r} (only 'default' RoPE is implemented)")
+
+
+# Fields that may be 0; every other integer field must be positive.
+_MAY_BE_ZERO = {"altup_active_idx", "num_kv_shared_layers"}
+
+
+_LISTS = (
+    ("intermediate_size", lambda v: is_int(v) and v > 0, "positive integers"),
+    ("layer_types", lambda v: isinstance(v, str), "strings"),
+    ("activation_sparsity_pattern", lambda v: is_finite_number(v) and 0 <= v < 1, "numbers in [0, 1)"),
+)
+
+
+_SCALAR_RULES = {
+    int: (is_int, "an integer"),
+    float: (is_finite_number, "a finite number"),
+    Optional[float]: (lambda v: v is None or is_finite_number(v), "a finite number or null"),
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    str: (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def _check_scalars(config: "TextConfig") -> None:
+    """A config.json value of the wrong type fails here, by name, not deep inside the model."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        ok, rule = _SCALAR_RULES.get(f.type, (lambda v: True, ""))
+        if not ok(value):
+            raise ValueError(f"text_config.{f.name} must be {rule}, got {value!r}")
+        least = 0 if f.name in _MAY_BE_ZERO else 1
+        if f.type is int and value < least:
+            raise ValueError(f"text_config.{f.name} must be >= {least}, got {value}")

@@ -77,12 +77,21 @@ def _open(path: Path) -> Image.Image:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB conversion as transformers does it: composite any transparency onto white."""
+    """RGB conversion as transformers does it: composite any transparency onto white. 16-bit
+    grayscale is scaled to 8 bits first (PIL's own conversion clips it: nearly all white)."""
+    if img.mode.startswith("I"):
+        img = _gray16_to_8bit(img)
     if "A" in img.getbands() or img.info.get("transparency") is not None:
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, img).convert("RGB")
     return img.convert("RGB")
+
+
+def _gray16_to_8bit(img: Image.Image) -> Image.Image:
+    """Modes I;16* hold 0..65535; mode I (32-bit) is read as 16-bit too, as viewers do."""
+    a = np.asarray(img, dtype=np.float64) / 257.0
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
 
 
 def load_image(source: ImageSource) -> Image.Image:
