@@ -1,9 +1,10 @@
 """The one thread that owns the model: it loads it and runs every generation, one request at
 a time, in arrival order (`python -m mlx_gemma3n.server` uses the main thread).
 
-MLX 0.32 cannot evaluate an array first in a thread other than the one that built it, and our
-weights stay lazy after `load()`, so the model lives in this thread alone; the HTTP side hands
-it token ids and decoded media (numpy) and receives plain-Python events. Requests are queued
+The API itself may be called from any thread (its MLX work runs on the package thread,
+mlx_thread.py); one owner thread keeps the conversation caches single-threaded and gives each
+request the whole machine in turn. The HTTP side hands it token ids and decoded media (numpy)
+and receives plain-Python events. Requests are queued
 rather than batched: with MLX-CPU's 4-bit kernels a decode step of 4 sequences costs 4x one
 (bench/server_concurrency.py, README "Apps"), and our caches, chunked prefill and
 per-layer-table reads are per sequence."""
