@@ -3,6 +3,7 @@
 from typing import Any, Callable, Generator, List, Optional, Tuple
 
 import mlx.core as mx
+import numpy as np
 
 from .model import Gemma3n
 from .text import cache as step_cache
@@ -68,8 +69,9 @@ class DecodeStep:
         self.sliding = [isinstance(c, step_cache.mlx_lm_cache.RotatingKVCache) for c in cache]
         self._compiled = mx.compile(self._forward)
 
-    def _forward(self, ids, per_layer, offset, sliding_slot, *buffers):
+    def _forward(self, ids, ple_rows, offset, sliding_slot, *buffers):
         lm = self.model.language_model
+        per_layer = lm.scale_per_layer_rows(ple_rows)
         full_slot = offset.reshape(1)
         views = [
             step_cache.StepCache(buffers[2 * i], buffers[2 * i + 1], offset, sliding_slot if s else full_slot)
@@ -81,13 +83,14 @@ class DecodeStep:
     def __call__(self, token_id: int) -> mx.array:
         """The logits [1, vocab] after `token_id` (lazy); the caches hold it afterwards."""
         ids = mx.array([[token_id]])
-        if not 0 <= token_id < self.text_vocab:
+        table = self.model.language_model.ple_table
+        if not 0 <= token_id < self.text_vocab or table is None:
             return self.model(ids, cache=self.cache)[:, -1, :]
-        per_layer = self.model.language_model.per_layer_embeddings(ids)
+        ple_rows = table.rows(np.array([token_id]))[None]  # read by id: no unique/where
         slots = step_cache.fit(self.cache)
         offset = mx.array(self.cache[0].offset, dtype=mx.int32)
         logits, *buffers = self._compiled(
-            ids, per_layer, offset, mx.array([slots[1]], dtype=mx.int32),
+            ids, ple_rows, offset, mx.array([slots[1]], dtype=mx.int32),
             *step_cache.buffers(self.cache),
         )
         step_cache.advance(self.cache, buffers, slots)
