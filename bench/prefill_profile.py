@@ -1,5 +1,5 @@
-"""Where a prefill's time goes: per chunk, the per-layer-embedding read, each decoder layer
-(its FFN apart) and the rest, on the benchmark checkpoints (ours).
+"""Where a prefill's time goes: per chunk, and over the chunks the per-layer-embedding read,
+each decoder layer (its FFN apart) and the rest, on the benchmark checkpoints (ours).
 
 Each timed part is evaluated on its own (layers, then their FFNs), so parts do not overlap
 and the sum is a little above an untimed prefill. Only what the real prefill computes is
@@ -25,24 +25,36 @@ from mlx_gemma3n.generation import prefill
 
 
 class Timed:
-    """Stands in for a module: runs it, evaluates its output, adds the seconds to `log[key]`.
-    A layer called without a cache on more than one position is a KV-shared layer before the
-    last position, which the prefill never evaluates: it and its FFN stay lazy."""
+    """Stands in for a module: runs it, evaluates its output, adds the seconds to `log[key]`
+    and to its chunk's total. With `inputs_key`, its inputs are evaluated first and charged
+    there (for an FFN: everything of its layer before it). A layer called without a cache on
+    more than one position is a KV-shared layer before the last position, which the prefill
+    never evaluates: it and its FFN stay lazy."""
 
     lazy = False  # set while such a layer builds its graph
+    chunk = -1
 
-    def __init__(self, module, log: dict, key: str):
-        self.module, self.log, self.key = module, log, key
+    def __init__(self, module, log: dict, key: str, inputs_key: str = ""):
+        self.module, self.log, self.key, self.inputs_key = module, log, key, inputs_key
+
+    def _eval(self, key: str, arrays) -> None:
+        t = time.perf_counter()
+        mx.eval(arrays)
+        dt = time.perf_counter() - t
+        self.log[key] += dt
+        self.log[f"chunk {Timed.chunk}"] += dt
 
     def __call__(self, *args, **kwargs):
         is_layer = self.key.startswith("layer")
         if is_layer:
             Timed.lazy = kwargs.get("cache") is None and args[0].shape[2] > 1
+        if self.key == "ple read":  # called once per chunk, first
+            Timed.chunk += 1
+        if self.inputs_key and not Timed.lazy:
+            self._eval(self.inputs_key, args)
         out = self.module(*args, **kwargs)
         if not Timed.lazy:
-            t = time.perf_counter()
-            mx.eval(out)
-            self.log[self.key] += time.perf_counter() - t
+            self._eval(self.key, out)
         if is_layer:
             Timed.lazy = False
         return out
@@ -67,7 +79,7 @@ def main(argv=None) -> None:
         _fill(cache, text, args.context, mx.float32 if args.float32 else mx.bfloat16)
     log = defaultdict(float)
     for i, layer in enumerate(lm.layers):
-        layer.mlp = Timed(layer.mlp, log, f"ffn {i:02d}")
+        layer.mlp = Timed(layer.mlp, log, f"{i:02d} ffn", inputs_key=f"{i:02d} before ffn")
         lm.layers[i] = Timed(layer, log, f"layer {i:02d}")
     read = lm.per_layer_embeddings
     lm.per_layer_embeddings = Timed(read, log, "ple read")
@@ -78,14 +90,13 @@ def main(argv=None) -> None:
     t = time.perf_counter()
     mx.eval(prefill(model, ids, embeds, cache, args.chunk))
     total = time.perf_counter() - t
-    timed = sum(log.values())
+    chunks = sum(v for k, v in log.items() if k.startswith("chunk"))
     print(f"{args.shape} prefill of {args.prompt} tokens after {args.context} (chunks of {args.chunk}), "
           f"{'float32' if args.float32 else 'stored dtype'}, mlx {mx.__version__} {mx.default_device()}: "
-          f"{total:.1f} s")
+          f"{total:.1f} s; 'layer NN' is a layer's part after its FFN (AltUp correction, PLE gate)")
     for key in sorted(log):
-        own = log[key] - (log.get(key.replace("layer", "ffn"), 0.0) if key.startswith("layer") else 0.0)
-        print(f"  {key:<10} {own:8.2f} s  {100 * own / total:5.1f}%")
-    print(f"  {'rest':<10} {total - timed:8.2f} s  {100 * (total - timed) / total:5.1f}%  (embeddings, AltUp in/out, logits)")
+        print(f"  {key:<15} {log[key]:8.2f} s  {100 * log[key] / total:5.1f}%")
+    print(f"  {'rest':<15} {total - chunks:8.2f} s  {100 * (total - chunks) / total:5.1f}%  (AltUp exit, logits)")
 
 
 if __name__ == "__main__":
