@@ -40,19 +40,30 @@ from pathlib import Path
 from mlx_gemma3n.loading import load_model
 from mlx_gemma3n.generation import generate_step
 
-def rss():
-    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
+def status(key):
+    return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) * 1024
+
+def kv_bytes(cache):
+    return sum(c.keys.nbytes + c.values.nbytes for c in cache)
 
 path, n_prompt, n_gen, chunk = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 model = load_model(Path(path))
 mx.eval(model.parameters())
-loaded = rss()
+loaded, weights = status("VmRSS"), mx.get_active_memory()
 ids = mx.array(np.random.default_rng(0).integers(10, 200_000, n_prompt))
+cache = model.make_cache()
 t = time.perf_counter()
-n = sum(1 for _ in generate_step(model, ids, max_tokens=n_gen, prefill_step_size=chunk))
-hwm = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
-print(json.dumps({"loaded_rss": loaded, "peak_rss": hwm, "tokens": n, "seconds": time.perf_counter() - t,
-                  "mlx_peak": mx.get_peak_memory()}))
+mx.reset_peak_memory()
+steps = generate_step(model, ids, cache, max_tokens=n_gen, prefill_step_size=chunk)
+next(steps)  # the prefill, and the first token
+prefill = {"prefill_mlx_peak": mx.get_peak_memory(), "prefill_end_active": mx.get_active_memory(),
+           "prefill_end_allocator_cache": mx.get_cache_memory(), "prefill_end_kv": kv_bytes(cache),
+           "prefill_end_rss": status("VmRSS"), "prefill_hwm": status("VmHWM")}
+mx.reset_peak_memory()
+n = 1 + sum(1 for _ in steps)
+print(json.dumps({"loaded_rss": loaded, "weights_mlx": weights, "peak_rss": status("VmHWM"), "tokens": n,
+                  "seconds": time.perf_counter() - t, "decode_mlx_peak": mx.get_peak_memory(),
+                  "end_kv": kv_bytes(cache), "end_allocator_cache": mx.get_cache_memory(), **prefill}))
 """
 
 
@@ -87,6 +98,22 @@ def other_kv_bytes(hf: Path, context: int, chunk: int) -> int:
     return (n_sliding * sliding + n_global * context) * per_token
 
 
+def parts(m: dict) -> dict:
+    """What the stand-in holds beyond its weights (MLX's own counters), in GB: its KV caches,
+    a prefill chunk's transient activations on top of weights and caches, what MLX's
+    allocator keeps cached after the prefill, a decode step's transients."""
+    gb = 1e-9
+    return {
+        "kv_after_prefill": m["prefill_end_kv"] * gb,
+        "kv_at_end": m["end_kv"] * gb,
+        "prefill_chunk_transient": (m["prefill_mlx_peak"] - m["weights_mlx"] - m["prefill_end_kv"]) * gb,
+        "allocator_cache_after_prefill": m["prefill_end_allocator_cache"] * gb,
+        "decode_transient": (m["decode_mlx_peak"] - m["prefill_end_active"]) * gb,
+        "rss_over_loaded_after_prefill": (m["prefill_hwm"] - m["loaded_rss"]) * gb,
+        "rss_over_loaded_at_end": (m["peak_rss"] - m["loaded_rss"]) * gb,
+    }
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hf", type=Path, required=True)
@@ -116,6 +143,7 @@ def main():
         "context_overhead_gb": added / 1e9, "other_layers_kv_gb": kv / 1e9,
         "full_rss_gb": args.full_rss_gb, "estimated_peak_gb": estimate / 1e9,
         "target_gb": args.target_gb, "standin_seconds": m["seconds"], "wall_s": time.perf_counter() - t,
+        "standin_parts_gb": parts(m),
         "standin_dtype": args.dtype, "prefill_step": args.prefill_step,
         "ld_preload": os.environ.get("LD_PRELOAD", ""),
     }

@@ -3,8 +3,10 @@
 from typing import Any, Callable, Generator, List, Optional, Tuple
 
 import mlx.core as mx
+import numpy as np
 
 from .model import Gemma3n
+from .text import cache as step_cache
 
 # Prompt tokens per prefill step. Activations grow linearly with it (E4B at a 2K context,
 # float32: +108 MB over the weights at 256, +213 MB at 512) while the work per token does not,
@@ -49,6 +51,82 @@ def prefill(
     return model.logits(run(last, last + 1)[:, -1, :])
 
 
+class DecodeStep:
+    """One decode step as a single compiled call over fixed-shape caches (text/cache.py).
+
+    Building a step in Python costs milliseconds of host time per token (thousands of
+    array operations), and it cannot start before the previous token is known: its
+    per-layer embedding rows are read from the file by token id. Compiled, the graph is
+    traced once (again only when the full-attention buffers grow, every 256 tokens) and a
+    step is a replay: read the rows, one call, the offsets advanced on the host.
+
+    Tokens outside the text vocabulary (multimodal ids, which need their embedder) take the
+    uncompiled path; both write the same caches."""
+
+    def __init__(self, model: Gemma3n, cache: List[Any]):
+        self.model, self.cache = model, cache
+        self.text_vocab = model.config.text_config.vocab_size_per_layer_input
+        self.sliding = [isinstance(c, step_cache.mlx_lm_cache.RotatingKVCache) for c in cache]
+        self._compiled = mx.compile(self._forward)
+
+    def _forward(self, ids, ple_rows, offset, sliding_slot, *buffers):
+        lm = self.model.language_model
+        per_layer = lm.scale_per_layer_rows(ple_rows)
+        full_slot = offset.reshape(1)
+        views = [
+            step_cache.StepCache(buffers[2 * i], buffers[2 * i + 1], offset, sliding_slot if s else full_slot)
+            for i, s in enumerate(self.sliding)
+        ]
+        hidden = lm(lm.embed(ids), per_layer, views)
+        return (self.model.logits(hidden[:, -1, :]), *step_cache.buffers(views))
+
+    def __call__(self, token_id: int) -> mx.array:
+        """The logits [1, vocab] after `token_id` (lazy); the caches hold it afterwards."""
+        ids = mx.array([[token_id]])
+        table = self.model.language_model.ple_table
+        if not 0 <= token_id < self.text_vocab or table is None:
+            return self.model(ids, cache=self.cache)[:, -1, :]
+        ple_rows = table.rows(np.array([token_id]))[None]  # read by id: no unique/where
+        slots = step_cache.fit(self.cache)
+        offset = mx.array(self.cache[0].offset, dtype=mx.int32)
+        logits, *buffers = self._compiled(
+            ids, ple_rows, offset, mx.array([slots[1]], dtype=mx.int32),
+            *step_cache.buffers(self.cache),
+        )
+        step_cache.advance(self.cache, buffers, slots)
+        return logits
+
+
+class Decoder:
+    """Sampling after a prefill: `choose` turns logits into (token, log-probabilities), and a
+    call runs one `DecodeStep` after the token and chooses the next (lazily)."""
+
+    def __init__(
+        self,
+        model: Gemma3n,
+        cache: List[Any],
+        history: mx.array,
+        sampler: Optional[Sampler] = None,
+        logits_processors: Optional[List[LogitsProcessor]] = None,
+    ):
+        self.step = DecodeStep(model, cache)
+        self.history = history  # the processors' alone: kept only when there are some
+        self.sampler = sampler or greedy
+        self.processors = logits_processors or []
+
+    def choose(self, logits: mx.array) -> Tuple[mx.array, mx.array]:
+        for processor in self.processors:
+            logits = processor(self.history, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return self.sampler(logprobs), logprobs
+
+    def __call__(self, token: mx.array, token_id: int) -> Tuple[mx.array, mx.array]:
+        """`token` ([1], evaluated) is `token_id`."""
+        if self.processors:
+            self.history = mx.concatenate([self.history, token])
+        return self.choose(self.step(token_id))
+
+
 def generate_step(
     model: Gemma3n,
     prompt: mx.array,
@@ -65,27 +143,18 @@ def generate_step(
     (1-D ids). `cache` (from `model.make_cache()`) may already hold earlier turns.
 
     Each token is materialised before the next step is queued (the per-layer embeddings are
-    read from the host by token id anyway), so it is yielded as soon as it exists while the
-    next step computes. When the caller stops early the cache may therefore already hold the
-    last yielded token: `cache[0].offset` says how many tokens it holds."""
-    sampler = sampler or greedy
+    read from the host by token id), so it is yielded as soon as it exists while the next
+    step computes (see `DecodeStep`). When the caller stops early the cache may therefore
+    already hold the last yielded token: `cache[0].offset` says how many tokens it holds."""
     cache = cache if cache is not None else model.make_cache()
-    history = prompt
-
-    def choose(logits: mx.array) -> Tuple[mx.array, mx.array]:
-        for processor in logits_processors or []:
-            logits = processor(history, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        return sampler(logprobs), logprobs
-
+    decoder = Decoder(model, cache, prompt, sampler, logits_processors)
     embeds = model.embed_inputs(prompt[None], image_features, audio_features)
-    token, logprobs = choose(prefill(model, prompt[None], embeds, cache, prefill_step_size))
+    token, logprobs = decoder.choose(prefill(model, prompt[None], embeds, cache, prefill_step_size))
     for n in range(max_tokens):
         row = logprobs[0]
         mx.eval(token, row)  # before the next step is queued behind them
         token_id = token.item()
         if n + 1 < max_tokens:
-            history = mx.concatenate([history, token])
-            token, logprobs = choose(model(token[None], cache=cache)[:, -1, :])
+            token, logprobs = decoder(token, token_id)
             mx.async_eval(token, logprobs)
         yield token_id, row

@@ -58,9 +58,13 @@ class TextModel(nn.Module):
         ids = mx.where(in_table, input_ids, 0)
         if self.ple_table is None:
             raise RuntimeError("the per-layer embedding table is not loaded")
-        x = self.ple_table(ids)
-        x = x * _scale(c.hidden_size_per_layer_input**0.5, x.dtype)
-        return x.reshape(*ids.shape, c.num_hidden_layers, c.hidden_size_per_layer_input)
+        return self.scale_per_layer_rows(self.ple_table(ids))
+
+    def scale_per_layer_rows(self, rows: mx.array) -> mx.array:
+        """PLE table rows [..., layers * P] -> the token-identity part [..., layers, P]."""
+        c = self.config
+        rows = rows * _scale(c.hidden_size_per_layer_input**0.5, rows.dtype)
+        return rows.reshape(*rows.shape[:-1], c.num_hidden_layers, c.hidden_size_per_layer_input)
 
     def per_layer_inputs(self, inputs_embeds: mx.array, per_layer_embeds: mx.array) -> mx.array:
         """Combine the token-identity part with a projection of the (multimodal) embeddings."""
