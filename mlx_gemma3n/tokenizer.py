@@ -41,7 +41,9 @@ class Tokenizer:
         return [self.bos_token_id] + ids if add_bos else ids
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self._backend.decode(list(ids))
+        """Text of `ids`. Ids past the tokenizer's pieces (Gemma 3n's embedding has 256 more:
+        the towers' soft-token slots, which a sampler can still pick) have no text."""
+        return self._backend.decode([i for i in ids if 0 <= i < self.vocab_size])
 
     def detokenizer(self) -> "StreamingDetokenizer":
         return StreamingDetokenizer(self)

@@ -60,3 +60,14 @@ def test_tokenizer_model_wins_and_missing_or_bad_files_are_named(pair, tmp_path)
     (both / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match="cannot read tokenizer .*tokenizer.json"):
         Tokenizer.from_dir(both)
+
+
+def test_ids_past_the_tokenizer_decode_to_nothing(pair):
+    """The model's vocabulary is larger than the tokenizer's (soft-token slots); such an id
+    sampled mid-reply must not crash decoding (SentencePiece raised IndexError)."""
+    for tok in (Tokenizer(pair[0] / "tokenizer.model"), Tokenizer.from_dir(pair[1])):
+        ids = tok.encode("hello world")
+        past = [tok.vocab_size, tok.vocab_size + 255]
+        assert tok.decode(ids[:1] + past + ids[1:]) == tok.decode(ids) == "hello world"
+        d = tok.detokenizer()
+        assert "".join(d.add(i) for i in ids[:1] + past + ids[1:]) == "hello world"
