@@ -113,8 +113,11 @@ class Decoder:
         self.history = history  # the processors' alone: kept only when there are some
         self.sampler = sampler or greedy
         self.processors = logits_processors or []
+        self.unembeddable = model.unembeddable_ids()
 
     def choose(self, logits: mx.array) -> Tuple[mx.array, mx.array]:
+        if self.unembeddable is not None:
+            logits = mx.where(self.unembeddable, -mx.inf, logits)
         for processor in self.processors:
             logits = processor(self.history, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)

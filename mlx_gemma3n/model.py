@@ -1,5 +1,6 @@
 """Gemma 3n for conditional generation: text decoder, multimodal embedders, tied LM head."""
 
+import functools
 from typing import Any, Callable, Dict, List, Optional
 
 import mlx.core as mx
@@ -61,6 +62,19 @@ class Gemma3n(nn.Module):
         """Every optional part this checkpoint has, loaded or not."""
         names = [t for t in TOWERS if getattr(self.config, f"{t}_config") is not None]
         return [p for t in names for p in (f"embed_{t}", f"{t}_tower")]
+
+    def unembeddable_ids(self) -> Optional[mx.array]:
+        """A [vocab] mask of the ids this model cannot embed (a tower's hard tokens when it was
+        loaded text-only), or None. Sampling must never pick them: the next step would fail."""
+        vocab = mx.arange(self.config.text_config.vocab_size)
+        masks = [
+            _owned_ids(vocab, t, self.config)
+            for t in TOWERS
+            if getattr(self.config, f"{t}_config") is not None
+            and f"embed_{t}" not in self
+            and self._part_loader is None
+        ]
+        return functools.reduce(mx.logical_or, masks) if masks else None
 
     def make_cache(self) -> List[Any]:
         return self.language_model.make_cache()

@@ -189,3 +189,21 @@ def test_stream_generate_takes_processed_inputs_and_leaves_them_intact(loaded):
     again = tokens(mlx_gemma3n.stream_generate(model, processor, inputs, prompt_cache=cache, max_tokens=8))
     assert again == tokens(mlx_gemma3n.stream_generate(model, processor, inputs, max_tokens=8))
     assert inputs.token_ids == ids
+
+
+def test_text_only_model_never_samples_a_tower_token(tiny_hf):
+    """Loaded text-only, the towers' hard tokens cannot be embedded: sampling one would fail
+    the next step mid-reply, so they are masked even when a processor pushes them up."""
+    from mlx_gemma3n.generation import generate_step
+
+    prompt = mx.array([2, 10, 20])
+
+    def run(model):
+        audio = model.config.audio_config["vocab_offset"]
+        push = lambda history, logits: logits + 1e4 * (mx.arange(logits.shape[-1]) == audio)
+        return audio, [t for t, _ in generate_step(model, prompt, logits_processors=[push], max_tokens=3)]
+
+    audio, full = run(mlx_gemma3n.load(str(tiny_hf[0]))[0])
+    assert full[0] == audio  # the push works where the embedder can be loaded
+    audio, text_only = run(mlx_gemma3n.load(str(tiny_hf[0]), text_only=True)[0])
+    assert len(text_only) == 3 and audio not in text_only
