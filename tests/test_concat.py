@@ -11,9 +11,11 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_gemma3n.loading import load_model
+from mlx_gemma3n.text.altup import AltUp
 from mlx_gemma3n.text.attention import Attention
 from mlx_gemma3n.text.concat import ConcatLinear
 from mlx_gemma3n.text.config import TextConfig
+from mlx_gemma3n.text.norm import RMSNorm
 from mlx_gemma3n.tiny import TINY_CONFIG
 
 QUANTIZATIONS = {
@@ -103,3 +105,16 @@ def test_load_joins_projections_and_holds_only_the_joined_weights(tiny_hf):
 def test_load_without_fuse_keeps_the_checkpoint_modules(tiny_hf):
     qkv, gate_up, _ = _joined(load_model(tiny_hf[0], fuse=False))
     assert not any(qkv) and not any(gate_up)
+
+
+def test_a_quantized_altup_router_is_dequantized_once_at_load():
+    config = TextConfig.from_dict(TINY_CONFIG["text_config"])
+    altup = AltUp(config)
+    altup.modality_router = nn.QuantizedLinear.from_linear(altup.modality_router, 32, 4)
+    norm = RMSNorm(config.hidden_size)
+    streams = mx.random.normal((config.altup_num_inputs, 1, 3, config.hidden_size))
+    before = altup.predict(streams, norm, fused=False)
+    altup.fuse_projections()
+    assert type(altup.modality_router) is nn.Linear
+    for a, b in zip(before, altup.predict(streams, norm, fused=False)):
+        assert mx.array_equal(a, b)

@@ -41,6 +41,14 @@ class AltUp(nn.Module):
         self.modality_router = nn.Linear(d, n, bias=False)
         self.router_norm = RMSNorm(d, config.rms_norm_eps)
 
+    def fuse_projections(self) -> None:
+        """At load (text/concat.fuse_projections): a router stored quantized is dequantized
+        once here, so that predict and correct do not each dequantize it on every token."""
+        if isinstance(self.modality_router, nn.QuantizedLinear):
+            weight = dense_weight(self.modality_router)
+            self.modality_router = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+            self.modality_router.weight = weight
+
     def predict(self, streams: mx.array, input_norm: RMSNorm, fused: bool, residual=()):
         """streams: [n, B, L, D] -> (predicted streams, `input_norm` of the active one).
         `residual`: the previous layer's (per-layer projection, its norm weight, eps) when

@@ -69,8 +69,8 @@ def layer_outputs(module: nn.Module, joined: str, parts: Sequence[str], x: mx.ar
 
 
 def fuse_projections(model: nn.Module) -> None:
-    """Join q/k/v and gate/up in every layer of `model` that can (see the modules'
-    `fuse_projections`)."""
+    """Join q/k/v and gate/up in every layer of `model` that can, and store a quantized AltUp
+    router dense (see the modules' `fuse_projections`)."""
     for module in list(model.modules()):
         if hasattr(module, "fuse_projections"):
             module.fuse_projections()
