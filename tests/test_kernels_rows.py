@@ -10,7 +10,6 @@ from mlx_gemma3n.kernels.altup_correct import altup_correct
 from mlx_gemma3n.kernels.altup_predict import altup_predict
 from mlx_gemma3n.kernels.altup_streams import altup_embed, altup_unembed
 from mlx_gemma3n.kernels.attn_residual import attn_residual
-from mlx_gemma3n.kernels.ple_gate import ple_gate
 from mlx_gemma3n.kernels.ple_residual import ple_residual
 
 # (rows, width): below one simdgroup pair, ragged over 7 simdgroups, two passes of 512 threads
@@ -54,12 +53,6 @@ def test_attn_residual(dtype, rows, d):
 @pytest.mark.parametrize("rows, d", SHAPES)
 def test_ple_residual(dtype, rows, d):
     check_kernel(ple_residual, ple_residual.sample(dtype, rows=rows, d=d))
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("rows, p", [(1, 31), (3, 100), (2, 300)])
-def test_ple_gate(dtype, rows, p):
-    check_kernel(ple_gate, ple_gate.sample(dtype, rows=rows, p=p))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

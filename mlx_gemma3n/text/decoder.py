@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..kernels.attn_residual import attn_residual
-from ..kernels.ple_gate import ple_gate
+from ..kernels.gated_gelu import gated_gelu
 from ..kernels.ple_residual import ple_residual
 from .altup import AltUp
 from .attention import KV, Attention
@@ -93,7 +93,7 @@ class DecoderLayer(nn.Module):
             predictions, h, self.mlp(ffn_in), self.post_feedforward_layernorm,
             self.correct_scale, fused,
         )
-        (gated,) = ple_gate(self.per_layer_input_gate(first), per_layer_input, enabled=fused)
+        gated = gated_gelu(self.per_layer_input_gate(first), per_layer_input, None, enabled=fused)
         pending = PendingStreams(
             corrected, self.per_layer_projection(gated), self.post_per_layer_input_norm.weight, eps
         )
