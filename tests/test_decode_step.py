@@ -83,3 +83,26 @@ def test_tokens_outside_the_text_vocabulary_take_the_uncompiled_path(text_model)
     out = DecodeStep(text_model, caches[1])(audio_id)
     assert np.array_equal(np.array(out), np.array(ref))
     assert [c.offset for c in caches[0]] == [c.offset for c in caches[1]]
+
+
+def test_requests_share_one_compiled_step_per_kernel_setting(text_model):
+    """A new DecodeStep (one per request) reuses its model's compiled step, so only the first
+    request traces; another kernel setting (a kernel factory, the kernels turned off) gets a
+    step of its own, since a trace bakes the kernel choice in."""
+    from mlx_gemma3n.kernels import set_kernels, use_factory
+
+    def compiled():
+        return DecodeStep(text_model, text_model.make_cache())._compiled
+
+    first = compiled()
+    assert compiled() is first
+    with use_factory(mx.fast.metal_kernel, self_check=False):  # built, never called here
+        with_kernels = compiled()
+        set_kernels(text_model, False)
+        try:
+            without = compiled()
+        finally:
+            set_kernels(text_model, True)
+        assert len({id(first), id(with_kernels), id(without)}) == 3
+        assert compiled() is with_kernels
+    assert compiled() is first

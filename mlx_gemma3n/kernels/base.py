@@ -91,6 +91,12 @@ def kernels_enabled(enabled: bool = True) -> bool:
     return _factory() is not None
 
 
+def kernel_setting(enabled: bool = True) -> tuple:
+    """What a traced graph's kernel choices depend on: whether the path is taken and with
+    which factory (a compiled function traced under one setting must not serve another)."""
+    return kernels_enabled(enabled), _factory()
+
+
 def _max_mismatch(got: Sequence[mx.array], want: Sequence[mx.array], tol: float) -> float:
     """Worst |got - want| / (tol * (1 + |want|)) over all outputs; > 1 means a mismatch."""
     worst = 0.0
