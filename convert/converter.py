@@ -15,6 +15,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_gemma3n.loading import load_model, resolve_model_path
 from mlx_gemma3n.model import tower_of
 from mlx_gemma3n.saving import ple_specs, write_checkpoint
+from mlx_gemma3n.text.altup import dense_weight
 from mlx_gemma3n.text.ple import NAME as PLE
 from mlx_gemma3n.text.ple import quantize_blocks
 from mlx_gemma3n.text.transposed import QuantizedTransposedLinear, TransposedLinear
@@ -106,10 +107,7 @@ def _dequantize(model) -> None:
     replaced = []
     for path, module in model.named_modules():
         if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedTransposedLinear)):
-            weight = mx.dequantize(
-                module.weight, module.scales, module.get("biases"),
-                group_size=module.group_size, bits=module.bits, mode=module.mode,
-            )
+            weight = dense_weight(module)
             if isinstance(module, nn.QuantizedEmbedding):
                 plain = nn.Embedding(*weight.shape)
             elif isinstance(module, QuantizedTransposedLinear):

@@ -14,8 +14,9 @@ from .norm import RMSNorm
 
 
 def dense_weight(linear: nn.Module) -> mx.array:
-    """The float weight of a Linear, dequantized when a checkpoint stored it quantized."""
-    if isinstance(linear, nn.QuantizedLinear):
+    """The float weight of a linear or embedding layer, dequantized when a checkpoint stored
+    it quantized (any MLX quantized layer: weight, scales, biases, group_size, bits, mode)."""
+    if "scales" in linear:
         return mx.dequantize(
             linear.weight,
             linear.scales,
