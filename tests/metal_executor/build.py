@@ -73,6 +73,8 @@ def translation_unit(gen):
             "  return mxexec::launch(mxexec_entry, b, cfg, err, len);\n}\n")
 
 
+# Once per process: it reads and hashes every header, and a test launches thousands of kernels.
+@functools.cache
 def _shim_digest():
     # Content and mtimes: clang refuses a precompiled header older than its sources.
     parts = [f.read_bytes() + str(f.stat().st_mtime_ns).encode() for f in sorted(HERE.glob("*.h"))]
