@@ -62,7 +62,8 @@ class _CompiledSteps:
         self.by_setting = {}
 
 
-def _forward(model: Gemma3n, sliding: Tuple[bool, ...], ids, ple_rows, offset, sliding_slot, *buffers):
+def _forward(model: Gemma3n, sliding: Tuple[bool, ...], ids, ple_rows, offset, sliding_slot,
+             *buffers):
     lm = model.language_model
     per_layer = lm.scale_per_layer_rows(ple_rows)
     full_slot = offset.reshape(1)
@@ -109,13 +110,12 @@ class DecodeStep:
         if not 0 <= token_id < self.text_vocab or table is None:
             return self.model(ids, cache=self.cache)[:, -1, :]
         ple_rows = table.rows(np.array([token_id]))[None]  # read by id: no unique/where
-        slots = step_cache.fit(self.cache)
+        slot = step_cache.fit(self.cache)
         offset = mx.array(self.cache[0].offset, dtype=mx.int32)
         logits, *buffers = self._compiled(
-            ids, ple_rows, offset, mx.array([slots[1]], dtype=mx.int32),
-            *step_cache.buffers(self.cache),
+            ids, ple_rows, offset, mx.array([slot], dtype=mx.int32), *step_cache.buffers(self.cache)
         )
-        step_cache.advance(self.cache, buffers, slots)
+        step_cache.advance(self.cache, buffers, slot)
         return logits
 
 

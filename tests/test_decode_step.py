@@ -39,7 +39,7 @@ def test_compiled_steps_equal_full_forward(tiny_hf, text_model, chunk):
 
 def test_full_attention_buffer_grows(tiny_hf, text_model):
     """Past 256 positions the full-attention buffers grow (and the step is traced again)."""
-    n_prompt = step_cache.GROW - 3
+    n_prompt = step_cache.mlx_lm_cache.KVCache().step - 3
     ids = prompt(n_prompt + 8, seed=13)
     full = ref_logits(tiny_hf[1], ids)
     cache = prefilled(text_model, ids[:, :n_prompt], 64)
@@ -47,7 +47,8 @@ def test_full_attention_buffer_grows(tiny_hf, text_model):
     full_cache = next(c for c in cache if not isinstance(c, step_cache.mlx_lm_cache.RotatingKVCache))
     for t in range(n_prompt, ids.shape[1]):
         assert rel_err(step(int(ids[0, t])), full[:, t]) < TOL, f"decode step at position {t}"
-    assert full_cache.keys.shape[2] == 2 * step_cache.GROW and full_cache.offset == ids.shape[1]
+    grow = step_cache.mlx_lm_cache.KVCache().step
+    assert full_cache.keys.shape[2] == 2 * grow and full_cache.offset == ids.shape[1]
 
 
 def test_compiled_and_uncompiled_steps_share_the_caches(tiny_hf, text_model, tmp_path):

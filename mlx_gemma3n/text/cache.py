@@ -14,21 +14,17 @@ import mlx.core as mx
 
 from ..mlx_lm_parts import cache as mlx_lm_cache
 
-GROW = 256  # full-attention slots added at a time, as mlx-lm's KVCache does
-
-
 def _zeros_like_slots(buffer: mx.array, n: int) -> mx.array:
     B, H, _, D = buffer.shape
     return mx.zeros((B, H, n, D), buffer.dtype)
 
 
-def _fit_full(c) -> int:
-    if c.offset >= c.keys.shape[2]:
+def _fit_full(c) -> None:
+    if c.offset >= c.keys.shape[2]:  # grown by mlx-lm's own step (256 slots)
         c.keys, c.values = (
-            mx.concatenate([b[..., : c.offset, :], _zeros_like_slots(b, GROW)], axis=2)
+            mx.concatenate([b[..., : c.offset, :], _zeros_like_slots(b, c.step)], axis=2)
             for b in (c.keys, c.values)
         )
-    return c.offset
 
 
 def _fit_sliding(c) -> int:
@@ -45,24 +41,26 @@ def _fit_sliding(c) -> int:
     return c._idx % window  # mlx-lm's ring: _idx == max_size means "next write at 0"
 
 
-def fit(caches: List[Any]) -> Tuple[int, int]:
+def fit(caches: List[Any]) -> int:
     """Make every cache's buffer fixed-shape and free for one more token; returns the slot
-    of the next token in full-attention and in sliding-window buffers (all caches of a
-    kind hold the same positions)."""
-    slots = {}
+    of the next token in the sliding-window buffers (all of them hold the same positions; in
+    a full-attention buffer the slot is the offset)."""
+    slot = 0
     for c in caches:
-        sliding = isinstance(c, mlx_lm_cache.RotatingKVCache)
-        slots[sliding] = _fit_sliding(c) if sliding else _fit_full(c)
-    return slots.get(False, 0), slots.get(True, 0)
+        if isinstance(c, mlx_lm_cache.RotatingKVCache):
+            slot = _fit_sliding(c)
+        else:
+            _fit_full(c)
+    return slot
 
 
-def advance(caches: List[Any], buffers: List[mx.array], slots: Tuple[int, int]) -> None:
+def advance(caches: List[Any], buffers: List[mx.array], sliding_slot: int) -> None:
     """Store the step's updated buffers (K, V per cache) and count the token in."""
     for i, c in enumerate(caches):
         c.keys, c.values = buffers[2 * i], buffers[2 * i + 1]
         c.offset += 1
         if isinstance(c, mlx_lm_cache.RotatingKVCache):
-            c._idx = slots[1] + 1
+            c._idx = sliding_slot + 1
 
 
 def buffers(caches: List[Any]) -> List[mx.array]:
