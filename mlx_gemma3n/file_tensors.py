@@ -51,33 +51,39 @@ class FileTensor:
     def rows(self, ids: Union[np.ndarray, slice]) -> mx.array:
         """Rows `ids` (an index array of any shape, or a slice) -> mx.array. Each id is one
         read: callers gathering repeated ids deduplicate first."""
+        return self.typed(mx.array(self.stored_rows(ids)))
+
+    def typed(self, stored: mx.array) -> mx.array:
+        """An array of this tensor's storage dtype (what `stored_rows` reads) as its dtype."""
+        return stored.view(self.dtype) if self.dtype == mx.bfloat16 else stored
+
+    def stored_rows(self, ids: Union[np.ndarray, slice]) -> np.ndarray:
+        """`rows` as the file stores them (numpy, bfloat16 as raw uint16)."""
         if isinstance(ids, slice):
             start, stop, step = ids.indices(self.shape[0])
             if step != 1:
                 raise ValueError("row slices must be contiguous")
-            picked = self._read(start, max(stop - start, 0))
-        else:
-            ids = np.asarray(ids)
-            if ids.size and (ids.min() < 0 or ids.max() >= self.shape[0]):
-                raise IndexError(f"row ids must lie in [0, {self.shape[0]}) for {self.file}")
-            picked = np.empty((ids.size, *self.shape[1:]), self.storage)
-            for j, i in enumerate(ids.ravel().tolist()):
-                picked[j] = self._read(i, 1)[0]
-            picked = picked.reshape(*ids.shape, *self.shape[1:])
-        out = mx.array(picked)
-        return out.view(self.dtype) if self.dtype == mx.bfloat16 else out
+            return self.read_into(np.empty((max(stop - start, 0), *self.shape[1:]), self.storage), start)
+        ids = np.asarray(ids)
+        picked = np.empty((ids.size, *self.shape[1:]), self.storage)
+        for j, i in enumerate(ids.ravel().tolist()):
+            self.read_into(picked[j : j + 1], i)
+        return picked.reshape(*ids.shape, *self.shape[1:])
 
-    def _read(self, start: int, count: int) -> np.ndarray:
-        nbytes, position = count * self.row_bytes, self.offset + start * self.row_bytes
-        parts, got = [], 0
-        while got < nbytes:  # a read may return less (Linux caps one at ~2 GB)
-            data = os.pread(self._handle.fileno(), nbytes - got, position + got)
+    def read_into(self, out: np.ndarray, start: int) -> np.ndarray:
+        """Read rows start, start+1, ... into `out` (C-contiguous, storage dtype, whole rows)."""
+        count = out.nbytes // self.row_bytes
+        if not (0 <= start and start + count <= self.shape[0]):
+            raise IndexError(f"row ids must lie in [0, {self.shape[0]}) for {self.file}")
+        view = memoryview(out).cast("B")
+        position, got = self.offset + start * self.row_bytes, 0
+        while got < len(view):  # a read may return less (Linux caps one at ~2 GB)
+            data = os.pread(self._handle.fileno(), len(view) - got, position + got)
             if not data:
                 raise ValueError(f"{self.file} is truncated: rows {start}..{start + count} run past the end")
-            parts.append(data)
+            view[got : got + len(data)] = data
             got += len(data)
-        data = b"".join(parts)  # no copy for a single part
-        return np.frombuffer(data, self.storage).reshape(count, *self.shape[1:])
+        return out
 
 
 def read_header(file: Path) -> Tuple[dict, int]:

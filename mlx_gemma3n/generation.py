@@ -1,7 +1,7 @@
 """Token generation: chunked prefill over the caches, then one token per step."""
 
 from functools import partial
-from typing import Any, Callable, Generator, List, Optional, Tuple
+from typing import Any, Callable, Generator, List, NamedTuple, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -9,6 +9,7 @@ import numpy as np
 from .kernels import kernel_setting
 from .model import Gemma3n
 from .text import cache as step_cache
+from .text.ple import StoredRow, in_place_reads_work
 
 # Prompt tokens per prefill step. Activations grow linearly with it (E4B at a 2K context,
 # float32: +108 MB over the weights at 256, +213 MB at 512) while the work per token does not,
@@ -62,10 +63,10 @@ class _CompiledSteps:
         self.by_setting = {}
 
 
-def _forward(model: Gemma3n, sliding: Tuple[bool, ...], ids, ple_rows, offset, sliding_slot,
-             *buffers):
+def _forward(model: Gemma3n, sliding: Tuple[bool, ...], n_row_parts: int, ids, offset, sliding_slot, *arrays):
     lm = model.language_model
-    per_layer = lm.scale_per_layer_rows(ple_rows)
+    stored_row, buffers = arrays[:n_row_parts], arrays[n_row_parts:]
+    per_layer = lm.scale_per_layer_rows(lm.ple_table.from_stored(stored_row))[None]
     full_slot = offset.reshape(1)
     views = [
         step_cache.StepCache(buffers[2 * i], buffers[2 * i + 1], offset, sliding_slot if s else full_slot)
@@ -81,18 +82,31 @@ def _compiled_step(model: Gemma3n, sliding: Tuple[bool, ...]) -> Callable:
         steps = model._compiled_steps = _CompiledSteps()
     setting = (sliding, *kernel_setting(model.language_model.use_kernels))
     if setting not in steps.by_setting:
-        steps.by_setting[setting] = mx.compile(partial(_forward, model, sliding))
+        n_row_parts = len(model.language_model.ple_table.parts)
+        steps.by_setting[setting] = mx.compile(partial(_forward, model, sliding, n_row_parts))
     return steps.by_setting[setting]
+
+
+class Built(NamedTuple):
+    """A decode step queued in no stream yet: `DecodeStep.build`, then `commit`."""
+
+    logits: mx.array
+    buffers: List[mx.array]
+    sliding_slot: int
+    row: Optional[StoredRow]
 
 
 class DecodeStep:
     """One decode step as a single compiled call over fixed-shape caches (text/cache.py).
 
     Building a step in Python costs milliseconds of host time per token (thousands of
-    array operations), and it cannot start before the previous token is known: its
-    per-layer embedding rows are read from the file by token id. Compiled, the graph is
-    traced once (again only when the full-attention buffers grow, every 256 tokens) and a
-    step is a replay: read the rows, one call, the offsets advanced on the host.
+    array operations). Compiled, the graph is traced once (again only when the full-attention
+    buffers grow, every 256 tokens) and a step is a replay. The replay still costs host time,
+    so `build` makes it before the token it follows is known (the token may be the lazy
+    output of the step before): the token's per-layer embedding row, which the host reads
+    from the file by id, goes into `StoredRow` arrays in place when `commit` is called with
+    the id. Where the device cannot see such writes (`ahead` false) a step reads its row
+    first (`__call__`).
 
     Tokens outside the text vocabulary (multimodal ids, which need their embedder) take the
     uncompiled path; both write the same caches."""
@@ -100,28 +114,63 @@ class DecodeStep:
     def __init__(self, model: Gemma3n, cache: List[Any]):
         self.model, self.cache = model, cache
         self.text_vocab = model.config.text_config.vocab_size_per_layer_input
+        self.table = model.language_model.ple_table
         sliding = tuple(isinstance(c, step_cache.mlx_lm_cache.RotatingKVCache) for c in cache)
-        self._compiled = _compiled_step(model, sliding)
+        self._compiled = _compiled_step(model, sliding) if self.table is not None else None
+        self.ahead = self.table is not None and in_place_reads_work()
+        # One is enough: a row is read in for a step once the token it follows is known,
+        # that is once the step before, the only other reader, has run.
+        self._row = StoredRow(self.table) if self.ahead else None
 
-    def __call__(self, token_id: int) -> mx.array:
-        """The logits [1, vocab] after `token_id` (lazy); the caches hold it afterwards."""
-        ids = mx.array([[token_id]])
-        table = self.model.language_model.ple_table
-        if not 0 <= token_id < self.text_vocab or table is None:
-            return self.model(ids, cache=self.cache)[:, -1, :]
-        ple_rows = table.rows(np.array([token_id]))[None]  # read by id: no unique/where
+    def build(self, token: mx.array, stored_row: Optional[List[mx.array]] = None) -> Built:
+        """The step after `token` ([1], evaluated or not), not yet runnable: `commit` it with
+        the token's id. With `stored_row` (the row already read) it reads that instead."""
+        row = None
+        if stored_row is None:
+            row, stored_row = self._row, self._row.arrays
         slot = step_cache.fit(self.cache)
         offset = mx.array(self.cache[0].offset, dtype=mx.int32)
+        ids = token.reshape(1, 1).astype(mx.int32)
         logits, *buffers = self._compiled(
-            ids, ple_rows, offset, mx.array([slot], dtype=mx.int32), *step_cache.buffers(self.cache)
+            ids, offset, mx.array([slot], dtype=mx.int32), *stored_row, *step_cache.buffers(self.cache)
         )
-        step_cache.advance(self.cache, buffers, slot)
-        return logits
+        return Built(logits, buffers, slot, row)
+
+    def commit(self, built: Built, token_id: int) -> bool:
+        """Read the token's row and count the step's token into the caches; False (nothing
+        done) for an id outside the text vocabulary, whose step must be run uncompiled."""
+        if not 0 <= token_id < self.text_vocab:
+            return False
+        if built.row is not None:
+            built.row.read(token_id)
+        step_cache.advance(self.cache, built.buffers, built.sliding_slot)
+        return True
+
+    def __call__(self, token_id: int) -> mx.array:
+        """The logits [1, vocab] after `token_id` (lazy), its row read first; the caches hold
+        the token afterwards."""
+        if self._compiled is not None and 0 <= token_id < self.text_vocab:
+            stored = [mx.array(t.stored_rows(np.array([token_id]))) for t in self.table.parts]
+            built = self.build(mx.array([token_id]), stored)
+            self.commit(built, token_id)
+            return built.logits
+        return self.model(mx.array([[token_id]]), cache=self.cache)[:, -1, :]
+
+
+class Ahead(NamedTuple):
+    """The next step and its sampling, built before the token it follows is known."""
+
+    step: Built
+    history: mx.array
+    token: mx.array
+    logprobs: mx.array
 
 
 class Decoder:
-    """Sampling after a prefill: `choose` turns logits into (token, log-probabilities), and a
-    call runs one `DecodeStep` after the token and chooses the next (lazily)."""
+    """Sampling after a prefill: `choose` turns logits into (token, log-probabilities).
+    `prepare` builds the step after a token that may still be computing, `dispatch` makes
+    it runnable once the token's id is known, and returns the next (token, log-probabilities),
+    lazy."""
 
     def __init__(
         self,
@@ -137,18 +186,34 @@ class Decoder:
         self.processors = logits_processors or []
         self.unembeddable = model.unembeddable_ids()
 
-    def choose(self, logits: mx.array) -> Tuple[mx.array, mx.array]:
+    def choose(self, logits: mx.array, history: Optional[mx.array] = None) -> Tuple[mx.array, mx.array]:
         if self.unembeddable is not None:
             logits = mx.where(self.unembeddable, -mx.inf, logits)
         for processor in self.processors:
-            logits = processor(self.history, logits)
+            logits = processor(self.history if history is None else history, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return self.sampler(logprobs), logprobs
 
-    def __call__(self, token: mx.array, token_id: int) -> Tuple[mx.array, mx.array]:
-        """`token` ([1], evaluated) is `token_id`."""
-        if self.processors:
-            self.history = mx.concatenate([self.history, token])
+    def _extended(self, token: mx.array) -> mx.array:
+        return mx.concatenate([self.history, token]) if self.processors else self.history
+
+    def prepare(self, token: mx.array) -> Optional[Ahead]:
+        """The step after `token` ([1], possibly not yet evaluated) and its sampling, built
+        now so that its host work overlaps the evaluation of `token`; None where steps
+        cannot be built ahead (`DecodeStep.ahead`)."""
+        if not self.step.ahead:
+            return None
+        history = self._extended(token)
+        built = self.step.build(token)
+        return Ahead(built, history, *self.choose(built.logits, history))
+
+    def dispatch(self, ahead: Optional[Ahead], token: mx.array, token_id: int) -> Tuple[mx.array, mx.array]:
+        """The (token, log-probabilities) after `token` ([1], evaluated; `token_id`), lazy:
+        `ahead`'s if it was prepared for this token and can run compiled, else built now."""
+        if ahead is not None and self.step.commit(ahead.step, token_id):
+            self.history = ahead.history
+            return ahead.token, ahead.logprobs
+        self.history = self._extended(token)
         return self.choose(self.step(token_id))
 
 
@@ -167,19 +232,25 @@ def generate_step(
     """Yield (token id, log-probabilities) for up to `max_tokens` new tokens after `prompt`
     (1-D ids). `cache` (from `model.make_cache()`) may already hold earlier turns.
 
-    Each token is materialised before the next step is queued (the per-layer embeddings are
-    read from the host by token id), so it is yielded as soon as it exists while the next
-    step computes (see `DecodeStep`). When the caller stops early the cache may therefore
-    already hold the last yielded token: `cache[0].offset` says how many tokens it holds."""
+    Each token is materialised before the next step is queued (that step needs the token's
+    per-layer embedding row, read on the host by id), but the step itself was built while the
+    token was computing (`Decoder.prepare`), so between the two the host only reads the row.
+    A token is yielded as soon as it exists while the next step computes. When the caller
+    stops early the cache may therefore already hold the last yielded token:
+    `cache[0].offset` says how many tokens it holds."""
     cache = cache if cache is not None else model.make_cache()
     decoder = Decoder(model, cache, prompt, sampler, logits_processors)
     embeds = model.embed_inputs(prompt[None], image_features, audio_features)
     token, logprobs = decoder.choose(prefill(model, prompt[None], embeds, cache, prefill_step_size))
+    mx.async_eval(token, logprobs)
+    ahead = decoder.prepare(token) if max_tokens > 1 else None
     for n in range(max_tokens):
         row = logprobs[0]
-        mx.eval(token, row)  # before the next step is queued behind them
+        mx.eval(token, row)
         token_id = token.item()
         if n + 1 < max_tokens:
-            token, logprobs = decoder(token, token_id)
+            token, logprobs = decoder.dispatch(ahead, token, token_id)
             mx.async_eval(token, logprobs)
         yield token_id, row
+        if n + 2 < max_tokens:
+            ahead = decoder.prepare(token)

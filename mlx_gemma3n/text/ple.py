@@ -7,7 +7,7 @@ checkpoint file on demand (one contiguous read per token per tensor) and dequant
 
 import copy
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, Optional, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
@@ -68,13 +68,20 @@ class PerLayerEmbeddingTable:
         unique, inverse = np.unique(np.array(ids), return_inverse=True)
         return self.rows(unique)[mx.array(inverse.reshape(ids.shape))]
 
+    @property
+    def parts(self) -> List[FileTensor]:
+        """The stored tensors a row is made of: weight, then scales and biases if quantized."""
+        return [t for t in (self.weight, self.scales, self.biases) if t is not None]
+
     def rows(self, ids: Union[np.ndarray, slice]) -> mx.array:
-        w = self.weight.rows(ids)
-        if self.quantized:
-            biases = None if self.biases is None else self.biases.rows(ids)
-            w = mx.dequantize(
-                w, self.scales.rows(ids), biases, group_size=self.group_size, bits=self.bits, mode=self.mode
-            )
+        return self.from_stored([mx.array(t.stored_rows(ids)) for t in self.parts])
+
+    def from_stored(self, stored: Sequence[mx.array]) -> mx.array:
+        """Rows from their `parts` as stored (storage dtypes) -> dequantized rows."""
+        w, *quant = (t.typed(a) for t, a in zip(self.parts, stored))
+        if quant:
+            scales, biases = quant if len(quant) == 2 else (quant[0], None)
+            w = mx.dequantize(w, scales, biases, group_size=self.group_size, bits=self.bits, mode=self.mode)
         return w if self.columns is None else w[..., mx.array(self.columns)]
 
     def blocks(self, rows_per_block: int = 8192) -> Iterator[mx.array]:
@@ -94,3 +101,42 @@ def quantize_blocks(
             continue
         w, scales, biases = mx.quantize(block, group_size=group_size, bits=bits)
         yield {f"{NAME}.weight": w, f"{NAME}.scales": scales, f"{NAME}.biases": biases}
+
+
+class StoredRow:
+    """One token's row parts as stored, in MLX arrays whose memory `read` overwrites in place.
+
+    A graph can be built on these arrays before the token is known (the next decode step,
+    queued behind the one that samples the token) and the row read into them afterwards: an
+    evaluation reads what the memory holds when it runs, so the caller must not `read` again
+    while a graph that reads the previous row is still to be evaluated."""
+
+    def __init__(self, table: PerLayerEmbeddingTable):
+        self.table = table
+        self.arrays = [mx.array(np.zeros((1, *t.shape[1:]), t.storage)) for t in table.parts]
+        mx.eval(self.arrays)
+        self._memory = [np.asarray(memoryview(a)) for a in self.arrays]  # the arrays' own memory
+
+    def read(self, token_id: int) -> None:
+        for tensor, memory in zip(self.table.parts, self._memory):
+            tensor.read_into(memory, token_id)
+
+
+def in_place_reads_work() -> bool:
+    """Whether a graph on the default device, built before the host writes into an array's
+    memory, sees the write (unified memory: Apple silicon, the CPU; MLX-CUDA's managed
+    memory). Checked once per device; where it fails, rows are read before each step."""
+    device = str(mx.default_device())
+    if device not in _IN_PLACE:
+        a = mx.array(np.zeros(4, np.uint32))
+        mx.eval(a)
+        built = a * 1
+        try:
+            np.asarray(memoryview(a))[:] = np.arange(1, 5)
+            _IN_PLACE[device] = built.tolist() == [1, 2, 3, 4]
+        except (BufferError, TypeError, ValueError):
+            _IN_PLACE[device] = False
+    return _IN_PLACE[device]
+
+
+_IN_PLACE: Dict[str, bool] = {}
