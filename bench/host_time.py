@@ -3,25 +3,33 @@
 A decode step's host time runs from the sampled token being available on the host to the
 next step queued (reading the token's per-layer-embedding rows and the sampler's
 bookkeeping included); its evaluation time from there to the next token being available.
-Every implementation is driven the same way, serially, in a fresh process on the same
-benchmark checkpoint (bench/memory.py builds and converts them):
+Every implementation runs in a fresh process on the same benchmark checkpoint
+(bench/memory.py builds and converts them), one token per step:
 
-    host:     token id in hand -> the step built and its token sampled (lazily)
-    dispatch: mx.async_eval(token, log-probabilities) returns (the step is queued)
-    eval:     -> the next token id in hand (.item())
-
-Host time is build + dispatch where queueing is asynchronous (Metal, CUDA). MLX-CPU
-throttles it: async_eval blocks while more than a few dozen of the step's tasks are
-pending, so its dispatch time holds most of the step's evaluation and is reported apart;
-host time here is the build alone. On a shared machine the wall-clock build also counts
-the time other processes hold the cores, so the main thread's CPU time is reported too.
-
-- ours      `generation.Decoder`, exactly what `generate_step` runs per token;
-- before    the loop body of `generate_step` at --before-ref (the commit before the compiled
-            step), run from that commit's package (`git archive`): `model(token, cache)`, the
-            history concatenated, log-softmax, argmax;
+- ours      exactly what `generate_step` runs per token: the step after the token was
+            built (`Decoder.prepare`) while the token was computing, so once its id is in
+            hand the host reads its row into the built step (`Decoder.dispatch`) and queues
+            it; then it builds the step after, overlapping that step's evaluation:
+              host:     token id in hand -> the step runnable (row read in, caches advanced)
+              dispatch: mx.async_eval(token, log-probabilities)
+              build:    `Decoder.prepare` of the following step (overlapped, not on the path)
+              eval:     -> the next token id in hand (.item())
+- before    the loop body `generate_step` had before the compiled step (commit 5557004):
+            `model(token, cache)` uncompiled, the history concatenated, log-softmax, argmax;
+            on today's model code (5557004's loader cannot read today's checkpoints: the
+            sparse layers' down_proj is stored transposed since);
 - mlx-vlm   the body of mlx-vlm 0.7.10's `generate_step._step` for one token (its language
             model on its cache in its generation stream, log-softmax, its greedy sampler).
+  For these two, driven serially: host = the step built and its token sampled (lazily) from
+  the token id in hand, then dispatch and eval as above. (mlx-vlm's own loop builds a step
+  from the previous, lazy token, overlapping that build with evaluation; its host share
+  after a token is then its dispatch.)
+
+MLX-CPU throttles `async_eval`: it blocks while more than a few dozen of the step's tasks are
+pending, so its dispatch time holds most of the step's evaluation and is reported apart;
+host time here excludes it. On a shared machine the wall clock also counts the time other
+processes hold the cores, so the main thread's CPU time is reported too, and each step's
+whole period ("step ms", token id to next token id) is given for every implementation.
 
 The context is synthetic: each cache is filled through its own `update_and_fetch` with
 random keys/values for --context positions (a 512-token prefill of E2B takes ~9 minutes per
@@ -39,8 +47,8 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -49,7 +57,6 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CACHE = Path(os.environ.get("BENCH_CACHE", "/work/bench-cache"))
-BEFORE_REF = "5557004"  # the last commit before the compiled decode step
 IMPLS = ("before", "ours", "mlx-vlm")
 
 
@@ -81,12 +88,8 @@ def _fill(cache: list, text: dict, context: int, dtype: mx.Dtype) -> None:
     mx.eval([x for c in cache for x in (c.keys, c.values)])
 
 
-def _steps(impl: str, model, cache: list, history: mx.array):
+def _serial(impl: str, model, cache: list, history: mx.array):
     """step(token [1], token id) -> (next token, log-probabilities), lazy."""
-    if impl == "ours":
-        from mlx_gemma3n.generation import Decoder
-
-        return Decoder(model, cache, history)
     if impl == "before":
         state = {"history": history}
 
@@ -111,6 +114,51 @@ def _steps(impl: str, model, cache: list, history: mx.array):
     return vlm
 
 
+def _laps():
+    """A lap timer: each call returns the wall and main-thread CPU ms since the last."""
+    last = [time.perf_counter(), time.thread_time()]
+
+    def lap():
+        now = [time.perf_counter(), time.thread_time()]
+        wall, cpu = ((a - b) * 1e3 for a, b in zip(now, last))
+        last[:] = now
+        return wall, cpu
+
+    return lap
+
+
+def _drive_ours(model, cache, history, token, token_id, n):
+    """`generate_step`'s loop, timed per phase; yields (phase times, next token id)."""
+    from mlx_gemma3n.generation import Decoder
+
+    decoder = Decoder(model, cache, history)
+    assert decoder.step.ahead, "in-place row reads do not work on this device"
+    ahead = decoder.prepare(token)
+    for _ in range(n):
+        lap = _laps()
+        token, logprobs = decoder.dispatch(ahead, token, token_id)
+        host = lap()
+        mx.async_eval(token, logprobs)
+        dispatch = lap()[0]
+        ahead = decoder.prepare(token)
+        build = lap()
+        token_id = token.item()
+        yield {"host": host[0], "host_cpu": host[1], "dispatch": dispatch, "build": build[0],
+               "build_cpu": build[1], "eval": lap()[0]}, token_id
+
+
+def _drive_serial(impl, model, cache, history, token, token_id, n):
+    step = _serial(impl, model, cache, history)
+    for _ in range(n):
+        lap = _laps()
+        token, logprobs = step(token, token_id)
+        host = lap()
+        mx.async_eval(token, logprobs)
+        dispatch = lap()[0]
+        token_id = token.item()
+        yield {"host": host[0], "host_cpu": host[1], "dispatch": dispatch, "eval": lap()[0]}, token_id
+
+
 def worker(args) -> dict:
     t = time.perf_counter()
     model = _load(args.worker, args.model, args.float32)
@@ -121,19 +169,14 @@ def worker(args) -> dict:
     _fill(cache, text, args.context, dtype)
     rng = np.random.default_rng(0)
     token_id = int(rng.integers(3, text["vocab_size_per_layer_input"]))
-    token = mx.array([token_id])
-    step = _steps(args.worker, model, cache, mx.array(rng.integers(3, 1000, 8)))
-    times, ids = {"host": [], "host_cpu": [], "dispatch": [], "eval": []}, []
-    for _ in range(args.warmup + args.steps):
-        t0, c0 = time.perf_counter(), time.thread_time()
-        token, logprobs = step(token, token_id)
-        t1, c1 = time.perf_counter(), time.thread_time()
-        mx.async_eval(token, logprobs)
-        t2 = time.perf_counter()
-        token_id = token.item()
-        t3 = time.perf_counter()
-        for key, dt in zip(times, (t1 - t0, c1 - c0, t2 - t1, t3 - t2)):
-            times[key].append(dt * 1e3)
+    history = mx.array(rng.integers(3, 1000, 8))
+    n = args.warmup + args.steps
+    drive = _drive_ours if args.worker == "ours" else partial(_drive_serial, args.worker)
+    times, ids = {}, []
+    for phases, token_id in drive(model, cache, history, mx.array([token_id]), token_id, n):
+        phases["step"] = sum(v for k, v in phases.items() if not k.endswith("_cpu"))
+        for key, ms in phases.items():
+            times.setdefault(key, []).append(ms)
         ids.append(token_id)
     out = {"impl": args.worker, "load_s": load_s, "context": args.context, "cache_offset_end": cache[0].offset,
            "tokens": ids[:8]}
@@ -147,17 +190,10 @@ def worker(args) -> dict:
 # -- driver ---------------------------------------------------------------------------------
 
 
-def _export(ref: str, into: Path) -> Path:
-    """The package as it was at `ref`, for the 'before' run."""
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "mlx_gemma3n"], capture_output=True, check=True)
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
-    return into
-
-
-def _run(impl: str, model: Path, args, pythonpath: Path) -> dict:
+def _run(impl: str, model: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, "--model", str(model), "--context", str(args.context),
            "--steps", str(args.steps), "--warmup", str(args.warmup)] + ([] if args.float32 else ["--as-stored"])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(pythonpath), str(REPO)]))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     print(f"[{args.shape}] {impl} ...", flush=True)
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO))
     if r.returncode != 0:
@@ -173,7 +209,6 @@ def main(argv=None) -> None:
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--before-ref", default=BEFORE_REF, help="git ref of the package measured as 'before'")
     p.add_argument("--impls", default=",".join(IMPLS))
     p.add_argument("--as-stored", dest="float32", action="store_false",
                    help="run the decoders in their stored dtype (bfloat16) instead of float32")
@@ -187,19 +222,19 @@ def main(argv=None) -> None:
 
     dirs = {"ours": "ours", "before": "ours", "mlx-vlm": "mlxvlm"}
     results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        old = _export(args.before_ref, Path(tmp))
-        for impl in args.impls.split(","):
-            model = args.cache_dir / f"{args.shape}-{dirs[impl]}-4bit"
-            if not (model / "config.json").is_file():
-                raise SystemExit(f"no checkpoint at {model}: build it with bench/memory.py --shape {args.shape}")
-            results[impl] = _run(impl, model, args, old if impl == "before" else REPO)
+    for impl in args.impls.split(","):
+        model = args.cache_dir / f"{args.shape}-{dirs[impl]}-4bit"
+        if not (model / "config.json").is_file():
+            raise SystemExit(f"no checkpoint at {model}: build it with bench/memory.py --shape {args.shape}")
+        results[impl] = _run(impl, model, args)
     print(f"\n{args.shape} 4-bit, {args.context}-token context, {'float32' if args.float32 else 'stored dtype'}, "
           f"median of {args.steps} steps; mlx {mx.__version__}, {mx.default_device()}")
-    print(f"{'impl':<8} {'host ms':>8} {'host CPU ms':>12} {'dispatch ms':>12} {'eval ms':>9} {'first step host ms':>19}")
+    print(f"{'impl':<8} {'host ms':>8} {'host CPU ms':>12} {'dispatch ms':>12} {'build ms (overlapped)':>22} "
+          f"{'eval ms':>8} {'step ms':>8}")
     for impl, r in results.items():
-        print(f"{impl:<8} {r['host_ms']:>8.2f} {r['host_cpu_ms']:>12.2f} {r['dispatch_ms']:>12.1f} {r['eval_ms']:>9.1f} "
-              f"{r['first_step_host_ms']:>19.1f}")
+        build = f"{r['build_ms']:.2f}" if "build_ms" in r else "-"
+        print(f"{impl:<8} {r['host_ms']:>8.2f} {r['host_cpu_ms']:>12.2f} {r['dispatch_ms']:>12.1f} {build:>22} "
+              f"{r['eval_ms']:>8.1f} {r['step_ms']:>8.1f}")
     if args.results:
         args.results.write_text(json.dumps({"args": vars(args) | {"cache_dir": str(args.cache_dir),
                                                                    "results": str(args.results)},
