@@ -150,10 +150,15 @@ OP = FusedOp("gated_gelu", ["gate", "up", "std_multiplier"], ["out"], SOURCE, la
              lambda *args: (reference(*args),), sample)
 
 
+# The kernel's row is its grid's y index, which CUDA caps at 65535.
+MAX_ROWS = 65535
+
+
 def gated_gelu(gate: mx.array, up: mx.array, std_multiplier: Optional[float],
                enabled: bool = True) -> mx.array:
     """GELU(tanh)(gate) x up, after the gaussian top-k when `std_multiplier` is given; one
-    kernel at decode (one token per row) unless `enabled` is False."""
-    if gate.ndim >= 2 and gate.shape[-2] == 1:
+    kernel (a threadgroup per token) unless `enabled` is False. At a prefill chunk it also
+    spares the sparse layers' statistics launches and their [tokens, hidden] temporaries."""
+    if gate.ndim >= 2 and gate.size // gate.shape[-1] <= MAX_ROWS:
         return OP(gate, up, std_multiplier, enabled=enabled)[0]
     return reference(gate, up, std_multiplier)
