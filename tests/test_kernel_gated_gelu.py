@@ -56,8 +56,8 @@ def test_threads_per_row():
 
 
 def test_dispatch_kernel_per_token_row_reference_otherwise(monkeypatch):
-    """Decode and prefill rows take the kernel; switched off, or past the rows a CUDA grid
-    holds, the reference."""
+    """Decode rows and a sparse prefill chunk take the kernel; switched off, a dense chunk,
+    or past the rows a CUDA grid holds, the reference."""
     decode = _args(mx.float32, 2, 300, SPARSE)
     prefill = (mx.concatenate([decode[0]] * 3, axis=1), mx.concatenate([decode[1]] * 3, axis=1))
     factory = Counting()
@@ -65,11 +65,13 @@ def test_dispatch_kernel_per_token_row_reference_otherwise(monkeypatch):
         got = gated_gelu(*decode)
         off = gated_gelu(*decode, enabled=False)
         longer = gated_gelu(*prefill, SPARSE)
-        monkeypatch.setattr(gated_gelu_module, "MAX_ROWS", 5)  # 6 rows in the prefill case
+        dense = gated_gelu(*prefill, None)
+        monkeypatch.setattr(gated_gelu_module, "MAX_GRID_ROWS", 5)  # 6 rows in the prefill case
         too_many = gated_gelu(*prefill, SPARSE)
     assert factory.launches == ["gated_gelu", "gated_gelu"]
     assert mx.array_equal(got, executed(OP, decode)[0])
     assert mx.array_equal(off, reference(*decode))
     assert mx.array_equal(longer, executed(OP, (*prefill, SPARSE))[0])
     assert mx.array_equal(too_many, reference(*prefill, SPARSE))
+    assert mx.array_equal(dense, reference(*prefill, None))
     assert np.array_equal(np.array(longer[:, 1]), np.array(got[:, 0]))

@@ -63,7 +63,8 @@ def test_whole_model_through_the_executor_matches_the_reference_path(converted, 
 
 
 def test_prefill_chunk_takes_the_row_kernels(converted):
-    """A chunk of several tokens (every position's logits) through the row kernels."""
+    """A chunk of several tokens (every position's logits) through the row kernels and
+    the q/k/v norm + RoPE kernel."""
     model = load_model(converted)
     ids = mx.array(np.random.default_rng(6).integers(7, 250, size=(1, 12)))
     reference = np.array(model(ids, model.make_cache()))
@@ -71,9 +72,9 @@ def test_prefill_chunk_takes_the_row_kernels(converted):
     with use_factory(factory), warnings.catch_warnings():
         warnings.simplefilter("error")
         fused = np.array(model(ids, model.make_cache()))
-    assert set(factory.launches) == {"altup_embed", "altup_predict", "attn_residual",
-                                     "altup_correct", "gated_gelu", "ple_residual",
-                                     "altup_unembed"}
+    assert set(factory.launches) == {"altup_embed", "altup_predict", "qkv_norm_rope",
+                                     "attn_residual", "altup_correct", "gated_gelu",
+                                     "ple_residual", "altup_unembed"}
     assert np.abs(fused - reference).max() / np.abs(reference).max() <= TOL
 
 
