@@ -412,15 +412,19 @@ def summarize(graph: Graph, members, data_dependent, L: int, D: int, inter: int)
             notes["copies"][f"{name} {node['outputs'][0][1]} {node['outputs'][0][2]}"] += 1
         if name == "QuantizedMatmul" and node["arguments"][-1] is False:
             notes["qmm transpose=False"][f"{node['inputs'][0][1]} -> {node['outputs'][0][1]}"] += 1
-        if name in ROW_CONTIGUOUS_INPUT:
-            # a stand-in's first inputs are the zeros it returns in place of its outputs
-            first = len(node["outputs"]) if node["name"] == "Depends" else 0
-            n, shape, _ = node["inputs"][first]
+        # a stand-in's first inputs are the zeros it returns in place of its outputs; our
+        # kernels copy every strided input (metal_kernel's ensure_row_contiguous), the other
+        # ops listed their first
+        first = len(node["outputs"]) if node["name"] == "Depends" else 0
+        if name.startswith("kernel "):
+            checked = node["inputs"][first:]
+        else:
+            checked = node["inputs"][first:first + 1] if name in ROW_CONTIGUOUS_INPUT else []
+        for n, shape, dtype in checked:
             if not _row_contiguous(shape, strides_of(n, shape)):
                 s["copies"] += 1
-                s["bytes"] += _bytes([node["inputs"][0]])
+                s["bytes"] += _bytes([(n, shape, dtype)])
                 notes["copies"][f"strided input of {name} {shape}"] += 1
-                s["strided"] += 1
     return {"counts": s, "by_name": by_name, "notes": notes}
 
 
