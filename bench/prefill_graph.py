@@ -45,9 +45,10 @@ Findings (per layer; E2B, chunk of 256 after 1024; launches / MiB written; befor
 `git archive` of the commit before, run with this script, gives "before"):
   1. A GPU prefill ran the reference ops: 56 / 68.5 per dense layer, 66 / 76.6 per sparse
      one. The row kernels (AltUp predict with the PLE residual, attention residual, AltUp
-     correct, the gated GELU with the gaussian top-k, stream entry/exit) take one threadgroup
-     per token, so they now run at a chunk too: 22 / 37.5 dense, 23 / 37.5 sparse (mlx-vlm
-     70 / 113.2). E4B at 1920 tokens in one chunk: 54 / 593 -> 20 / 360 (mlx-vlm 72 / 958).
+     correct, stream entry/exit, the sparse layers' gated GELU with the gaussian top-k) take
+     one threadgroup per token and the q/k/v norm + RoPE kernel now takes L tokens, so they
+     run at a chunk too: 18 / 36.3 dense, 19 / 36.3 sparse (mlx-vlm 70 / 113.2). E4B at 1920
+     tokens in one chunk: 54 / 593 -> 16 / 351 (mlx-vlm 72 / 958).
   2. Sparse layers, reference path: the top-k statistics wrote two [L, intermediate]
      temporaries (x - mean and its square) in 5 launches; the kernel keeps them in registers.
   3. The PLE residual concatenated the four streams after adding to three (2 launches,
@@ -59,13 +60,16 @@ Findings (per layer; E2B, chunk of 256 after 1024; launches / MiB written; befor
      statistics stay in the activation dtype, float32 only inside fused ops); mlx-vlm has 7
      per layer (its AltUp casts the four streams to float32 and back). FLOPs are equal.
   6. Copies left, unfixed: the joined q/k/v are split views with a row stride of
-     (H + 2 HKV) x D, so their norms copy them (3 implicit copies, L x 3072 values; mlx-vlm's
-     separate projections avoid them with two more matmul launches); the attention output's
-     transpose + reshape (both); the sliding caches' concatenation per chunk (both).
+     (H + 2 HKV) x D, which the norms (or the kernel's row-contiguous inputs) copy: 3 copies,
+     L x 3072 values (mlx-vlm's separate projections avoid them with two more matmul
+     launches); a dense layer's gated GELU stays the compiled op at a chunk, which reads the
+     joined gate/up halves in place (the kernel would copy 2 x L x intermediate); the
+     attention output's transpose + reshape (both); the sliding caches' concatenation per
+     chunk (both).
   7. Not visible as graph size: the 10 sparse layers' down_proj is stored transposed for the
      decode kernel, so at prefill it is a quantized matmul with transpose=False where
      mlx-vlm's is transpose=True (kernel speed unmeasured without a GPU); a 1920-token prompt
-     is 8 of our chunks, i.e. ~8x one chunk's launches per layer (after: ~180 against
+     is 8 of our chunks, i.e. ~8x one chunk's launches per layer (after: ~150 against
      mlx-vlm's ~73); and between chunks the device waited for the host (bench/
      prefill_host.py: the next chunk's PLE rows and graph, 60-79 ms per chunk here), which
      generation.prefill now overlaps with the running chunk.
