@@ -22,6 +22,7 @@ import numpy as np
 from host_time import CACHE, _fill, _load
 
 from mlx_gemma3n.generation import prefill
+from mlx_gemma3n.text.decoder import PendingStreams
 
 
 class Timed:
@@ -47,7 +48,9 @@ class Timed:
     def __call__(self, *args, **kwargs):
         is_layer = self.key.startswith("layer")
         if is_layer:
-            Timed.lazy = kwargs.get("cache") is None and args[0].shape[2] > 1
+            streams = args[0]  # a layer's input: the streams, or the previous layer's pending ones
+            tokens = (streams.corrected if isinstance(streams, PendingStreams) else streams).shape[2]
+            Timed.lazy = kwargs.get("cache") is None and tokens > 1
         if self.key == "ple read":  # called once per chunk, first
             Timed.chunk += 1
         if self.inputs_key and not Timed.lazy:
