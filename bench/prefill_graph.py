@@ -546,6 +546,9 @@ class DataRows:
     def rows(self, ids):
         return self.marks.tag(self.tensor.rows(ids), "tag data")
 
+    def typed(self, stored):  # where the table reads rows as stored, then types them
+        return self.marks.tag(self.tensor.typed(stored), "tag data")
+
     def __getattr__(self, name):
         return getattr(self.tensor, name)
 
