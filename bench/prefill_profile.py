@@ -9,6 +9,9 @@ caches, as in host_time.py), so that a chunk late in a long prompt costs minutes
 on MLX-CPU.
 
     nice python bench/prefill_profile.py --shape E2B --context 448 --prompt 64 --chunk 64
+
+--untimed: the real prefill's wall time alone (its chunks overlapped as generation.prefill
+queues them).
 """
 
 import argparse
@@ -22,6 +25,7 @@ import numpy as np
 from host_time import CACHE, _fill, _load
 
 from mlx_gemma3n.generation import prefill
+from mlx_gemma3n.text.decoder import PendingStreams
 
 
 class Timed:
@@ -47,7 +51,9 @@ class Timed:
     def __call__(self, *args, **kwargs):
         is_layer = self.key.startswith("layer")
         if is_layer:
-            Timed.lazy = kwargs.get("cache") is None and args[0].shape[2] > 1
+            streams = args[0]  # a layer's input: the streams, or the previous layer's pending ones
+            tokens = (streams.corrected if isinstance(streams, PendingStreams) else streams).shape[2]
+            Timed.lazy = kwargs.get("cache") is None and tokens > 1
         if self.key == "ple read":  # called once per chunk, first
             Timed.chunk += 1
         if self.inputs_key and not Timed.lazy:
@@ -68,6 +74,8 @@ def main(argv=None) -> None:
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--as-stored", dest="float32", action="store_false", help="stored dtype instead of float32")
+    p.add_argument("--untimed", action="store_true",
+                   help="the prefill's wall time alone, its parts not evaluated one by one")
     args = p.parse_args(argv)
 
     model_dir = args.cache_dir / f"{args.shape}-ours-4bit"
@@ -78,11 +86,11 @@ def main(argv=None) -> None:
     if args.context:
         _fill(cache, text, args.context, mx.float32 if args.float32 else mx.bfloat16)
     log = defaultdict(float)
-    for i, layer in enumerate(lm.layers):
+    for i, layer in enumerate([] if args.untimed else lm.layers):
         layer.mlp = Timed(layer.mlp, log, f"{i:02d} ffn", inputs_key=f"{i:02d} before ffn")
         lm.layers[i] = Timed(layer, log, f"layer {i:02d}")
-    read = lm.per_layer_embeddings
-    lm.per_layer_embeddings = Timed(read, log, "ple read")
+    if not args.untimed:
+        lm.per_layer_embeddings = Timed(lm.per_layer_embeddings, log, "ple read")
 
     ids = mx.array(np.random.default_rng(0).integers(3, text["vocab_size_per_layer_input"], (1, args.prompt)))
     embeds = model.embed_inputs(ids)
@@ -93,7 +101,10 @@ def main(argv=None) -> None:
     chunks = sum(v for k, v in log.items() if k.startswith("chunk"))
     print(f"{args.shape} prefill of {args.prompt} tokens after {args.context} (chunks of {args.chunk}), "
           f"{'float32' if args.float32 else 'stored dtype'}, mlx {mx.__version__} {mx.default_device()}: "
-          f"{total:.1f} s; 'layer NN' is a layer's part after its FFN (AltUp correction, PLE gate)")
+          f"{total:.1f} s" + ("" if args.untimed else
+                              "; 'layer NN' is a layer's part after its FFN (AltUp correction, PLE gate)"))
+    if args.untimed:
+        return
     for key in sorted(log):
         print(f"  {key:<15} {log[key]:8.2f} s  {100 * log[key] / total:5.1f}%")
     print(f"  {'rest':<15} {total - chunks:8.2f} s  {100 * (total - chunks) / total:5.1f}%  (AltUp exit, logits)")

@@ -7,7 +7,7 @@ import pytest
 from kernel_check import DTYPES, assert_close, executed
 from kernel_launches import Counting
 
-from mlx_gemma3n.kernels import use_factory
+from mlx_gemma3n.kernels import gated_gelu as gated_gelu_module, use_factory
 from mlx_gemma3n.kernels.gated_gelu import OP, gated_gelu, reference, row_threads
 
 SPARSE = 1.6448536  # Phi^-1(0.95)
@@ -55,7 +55,9 @@ def test_threads_per_row():
     ]
 
 
-def test_dispatch_kernel_at_decode_reference_otherwise():
+def test_dispatch_kernel_per_token_row_reference_otherwise(monkeypatch):
+    """Decode rows and a sparse prefill chunk take the kernel; switched off, a dense chunk,
+    or past the rows a CUDA grid holds, the reference."""
     decode = _args(mx.float32, 2, 300, SPARSE)
     prefill = (mx.concatenate([decode[0]] * 3, axis=1), mx.concatenate([decode[1]] * 3, axis=1))
     factory = Counting()
@@ -63,8 +65,13 @@ def test_dispatch_kernel_at_decode_reference_otherwise():
         got = gated_gelu(*decode)
         off = gated_gelu(*decode, enabled=False)
         longer = gated_gelu(*prefill, SPARSE)
-    assert factory.launches == ["gated_gelu"]
+        dense = gated_gelu(*prefill, None)
+        monkeypatch.setattr(gated_gelu_module, "MAX_GRID_ROWS", 5)  # 6 rows in the prefill case
+        too_many = gated_gelu(*prefill, SPARSE)
+    assert factory.launches == ["gated_gelu", "gated_gelu"]
     assert mx.array_equal(got, executed(OP, decode)[0])
     assert mx.array_equal(off, reference(*decode))
-    assert mx.array_equal(longer, reference(*prefill, SPARSE))
-    assert np.array_equal(np.array(longer[:, 1]), np.array(off[:, 0]))
+    assert mx.array_equal(longer, executed(OP, (*prefill, SPARSE))[0])
+    assert mx.array_equal(too_many, reference(*prefill, SPARSE))
+    assert mx.array_equal(dense, reference(*prefill, None))
+    assert np.array_equal(np.array(longer[:, 1]), np.array(got[:, 0]))

@@ -1,5 +1,6 @@
 """Kernel (c), q/k/v norm + RoPE, executed on the CPU executor: every dtype, ragged head
-sizes, KV-shared layers (q only), positions up to 32K, and the dispatch at decode."""
+sizes, one token and a prefill chunk's several, KV-shared layers (q only), positions up to
+32K, and the dispatch."""
 
 import mlx.core as mx
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 from kernel_check import DTYPES, assert_close, executed
 from kernel_launches import Counting
 
-from mlx_gemma3n.kernels import use_factory
+from mlx_gemma3n.kernels import qkv_norm_rope as module, use_factory
 from mlx_gemma3n.kernels.qkv_norm_rope import OP, inverse_frequencies, qkv_norm_rope, reference
 
 EPS, BASE = 1e-6, 10_000.0
@@ -30,17 +31,19 @@ def _args(dtype, B, H, HKV, D, offset=37, shared=False, length=1):
 
 
 def _oracle(args):
-    """float64 norms and rotation at the float32 angle offset * inv_freq, as the kernel
-    states it. (MLX-CPU's mx.fast.rope takes its inverse frequencies from exp rather than
+    """float64 norms and rotation at the float32 angle (offset + token) * inv_freq, as the
+    kernel states it. (MLX-CPU's mx.fast.rope takes its inverse frequencies from exp rather than
     exp2, a few ulp apart, and its cos/sin are approximations: at position 37 its float32
     results are already 2e-6 from these, and ~1e-3 at 30000.)"""
     q, k, v, q_w, k_w, eps, base, offset, H, HKV, D = args
     inv = np.array(inverse_frequencies(base, D))
-    theta = (np.float32(offset) * inv).astype(np.float64)
+    positions = np.arange(offset, offset + q.shape[1], dtype=np.float32)[:, None]
+    theta = (positions * inv).astype(np.float64)  # [L, D / 2]
     cos, sin = np.cos(theta), np.sin(theta)
 
     def norm(x, n, w):
-        x = np.array(x.astype(mx.float32), np.float64).reshape(x.shape[0], n, 1, D)
+        B, L = x.shape[:2]
+        x = np.array(x.astype(mx.float32), np.float64).reshape(B, L, n, D).transpose(0, 2, 1, 3)
         x = x / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
         return x if w is None else x * np.array(w.astype(mx.float32), np.float64)
 
@@ -70,14 +73,16 @@ def test_oracle_is_todays_op_sequence():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_matches_the_oracle(dtype, shape):
-    _check(_args(dtype, *shape))
+@pytest.mark.parametrize("length", [1, 7])
+def test_matches_the_oracle(dtype, shape, length):
+    _check(_args(dtype, *shape, length=length))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_kv_shared_layer_gets_q_only(dtype):
-    got = _check(_args(dtype, 2, 3, 1, 40, shared=True))
-    assert len(got) == 1 and got[0].shape == (2, 3, 1, 40)
+@pytest.mark.parametrize("length", [1, 4])
+def test_kv_shared_layer_gets_q_only(dtype, length):
+    got = _check(_args(dtype, 2, 3, 1, 40, shared=True, length=length))
+    assert len(got) == 1 and got[0].shape == (2, 3, length, 40)
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
@@ -86,17 +91,20 @@ def test_far_positions(dtype, offset):
     _check(_args(dtype, 1, 8, 2, 256, offset=offset))
 
 
-def test_dispatch_kernel_at_decode_reference_otherwise():
+def test_dispatch_kernel_per_token_reference_otherwise(monkeypatch):
+    """Decode and prefill chunks take the kernel; switched off, or past the rows a CUDA grid
+    holds, the reference."""
     factory = Counting()
     decode = _args(mx.float32, 2, 3, 1, 40)
-    prefill = _args(mx.float32, 2, 3, 1, 40, length=5)
+    prefill = _args(mx.float32, 2, 3, 1, 40, length=5)  # 2 x 5 tokens x 5 head rows
     with use_factory(factory, self_check=False):
-        got = qkv_norm_rope(*decode)
-        assert factory.launches == ["qkv_norm_rope"]
-        for g, w in zip(got, executed(OP, decode)):
+        got = qkv_norm_rope(*decode) + qkv_norm_rope(*prefill)
+        assert factory.launches == ["qkv_norm_rope"] * 2
+        for g, w in zip(got, executed(OP, decode) + executed(OP, prefill)):
             assert mx.array_equal(g, w)
         off = qkv_norm_rope(*decode, enabled=False)
-        longer = qkv_norm_rope(*prefill)
-    assert factory.launches == ["qkv_norm_rope"]
-    for g, w in zip(off + longer, reference(*decode) + reference(*prefill)):
+        monkeypatch.setattr(module, "MAX_GRID_ROWS", 49)
+        too_many = qkv_norm_rope(*prefill)
+    assert factory.launches == ["qkv_norm_rope"] * 2
+    for g, w in zip(off + too_many, reference(*decode) + reference(*prefill)):
         assert mx.array_equal(g, w)

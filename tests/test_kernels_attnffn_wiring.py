@@ -61,7 +61,8 @@ def _mlp_case(hidden_sparsity, transposed, bits):
 ])
 @pytest.mark.parametrize("joined", [False, True], ids=["apart", "joined"])
 def test_mlp_decode_takes_the_kernels(sparsity, transposed, bits, kernels, joined):
-    """With gate and up apart (as stored) and joined (as loaded, but on the sparse FFN)."""
+    """With gate and up apart (as stored) and joined (as loaded, but on the sparse FFN).
+    Several tokens (a prefill chunk) take the activation kernel on a sparse layer only."""
     mlp, x = _mlp_case(sparsity, transposed, bits)
     if joined:
         mlp.fuse_projections()
@@ -69,13 +70,15 @@ def test_mlp_decode_takes_the_kernels(sparsity, transposed, bits, kernels, joine
     assert mlp.is_transposed_down == transposed
     if transposed:
         assert isinstance(mlp.down_proj, QuantizedTransposedLinear if bits else TransposedLinear)
-    factory = Counting()
-    with use_factory(factory, self_check=False):
+    decode, chunk = Counting(), Counting()
+    with use_factory(decode, self_check=False):
         got = mlp(x)
+    with use_factory(chunk, self_check=False):
         prefill = mlp(mx.concatenate([x, x], axis=1))
         mlp.use_kernels = False
         want = mlp(x)
-    assert factory.launches == kernels
+    assert decode.launches == kernels
+    assert chunk.launches == (["gated_gelu"] if sparsity else [])
     _close(got, want)
     _close(prefill[:, 1:], want)
 

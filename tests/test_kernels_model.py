@@ -62,6 +62,22 @@ def test_whole_model_through_the_executor_matches_the_reference_path(converted, 
     assert np.abs(fused - reference).max() / np.abs(reference).max() <= TOL
 
 
+def test_prefill_chunk_takes_the_row_kernels(converted):
+    """A chunk of several tokens (every position's logits) through the row kernels and
+    the q/k/v norm + RoPE kernel."""
+    model = load_model(converted)
+    ids = mx.array(np.random.default_rng(6).integers(7, 250, size=(1, 12)))
+    reference = np.array(model(ids, model.make_cache()))
+    factory = Counting()
+    with use_factory(factory), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused = np.array(model(ids, model.make_cache()))
+    assert set(factory.launches) == {"altup_embed", "altup_predict", "qkv_norm_rope",
+                                     "attn_residual", "altup_correct", "gated_gelu",
+                                     "ple_residual", "altup_unembed"}
+    assert np.abs(fused - reference).max() / np.abs(reference).max() <= TOL
+
+
 def test_load_with_kernels_off_takes_the_reference_path(tiny_hf):
     model, _ = mlx_gemma3n.load(str(tiny_hf[0]), text_only=True, kernels=False)
     ids = mx.array([[9, 8, 7]])

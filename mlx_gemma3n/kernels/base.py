@@ -22,6 +22,9 @@ from .prelude import CUDA_PRELUDE
 
 ENV_SWITCH = "MLX_GEMMA3N_KERNELS"
 
+# A kernel whose grid's y index is its row takes at most this many rows (CUDA's limit).
+MAX_GRID_ROWS = 65535
+
 # Self-check tolerances (relative and absolute, on float32 copies). Looser than the tests':
 # the check guards against a broken compile or a wrong index, not against the last ulp.
 _CHECK_TOLERANCE = {mx.float32: 1e-4, mx.float16: 1e-2, mx.bfloat16: 6e-2}

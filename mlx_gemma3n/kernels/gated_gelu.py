@@ -13,7 +13,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import FusedOp
+from .base import MAX_GRID_ROWS, FusedOp
 
 # One threadgroup per row of `gate` ([rows, N]; row threadgroup_position_in_grid.y), shared
 # with the sparse FFN kernel.
@@ -153,7 +153,11 @@ OP = FusedOp("gated_gelu", ["gate", "up", "std_multiplier"], ["out"], SOURCE, la
 def gated_gelu(gate: mx.array, up: mx.array, std_multiplier: Optional[float],
                enabled: bool = True) -> mx.array:
     """GELU(tanh)(gate) x up, after the gaussian top-k when `std_multiplier` is given; one
-    kernel at decode (one token per row) unless `enabled` is False."""
-    if gate.ndim >= 2 and gate.shape[-2] == 1:
+    kernel (a threadgroup per token) unless `enabled` is False: at decode, and at a prefill
+    chunk of a sparse layer, where it spares the statistics' launches and [tokens, hidden]
+    temporaries. A dense chunk keeps the compiled activation: one launch too, and it reads
+    the joined gate/up projection's strided halves in place, which the kernel would copy."""
+    rows = gate.size // gate.shape[-1] if gate.ndim >= 2 else 0
+    if 0 < rows <= MAX_GRID_ROWS and (gate.shape[-2] == 1 or std_multiplier is not None):
         return OP(gate, up, std_multiplier, enabled=enabled)[0]
     return reference(gate, up, std_multiplier)

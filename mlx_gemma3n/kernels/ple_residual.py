@@ -1,7 +1,10 @@
 """Kernel (b), the end of a layer: the per-layer projection's RMSNorm added to every stream
 but the first (which passes through unchanged)."""
 
+from functools import lru_cache, partial
+
 import mlx.core as mx
+import numpy as np
 
 from .base import FusedOp
 from .rows import ROW_HEADER, launch_rows, row_preamble, scalars
@@ -27,9 +30,23 @@ SOURCE = (
 )
 
 
+@lru_cache(maxsize=None)
+def _rest(n: int) -> mx.array:
+    """[n, 1, 1, 1]: whether a stream takes the projection (all but the first). Made from
+    numpy, so it holds data and any thread may use it."""
+    return mx.array((np.arange(n) > 0).reshape(n, 1, 1, 1))
+
+
+# One fused pass writing the n streams once (a prefill chunk: a concatenation after the
+# addition wrote them one and a half times more, in two launches).
+@partial(mx.compile, shapeless=True)
+def _add_to_rest(corrected: mx.array, ple: mx.array, rest: mx.array) -> mx.array:
+    return mx.where(rest, corrected + ple, corrected)
+
+
 def reference(corrected: mx.array, projected: mx.array, norm_w: mx.array, eps: float):
     ple = mx.fast.rms_norm(projected, norm_w, eps)
-    return (mx.concatenate([corrected[:1], corrected[1:] + ple], axis=0),)
+    return (_add_to_rest(corrected, ple, _rest(corrected.shape[0])),)
 
 
 def launch(kernel, corrected: mx.array, projected: mx.array, norm_w: mx.array, eps: float):

@@ -20,7 +20,7 @@ import mlx.nn as nn
 
 from ..text.transposed import TransposedLinear
 from .base import FusedOp, kernels_enabled
-from .gated_gelu import CUTOFF, ROW_SETUP, gelu_tanh, reference as activation
+from .gated_gelu import CUTOFF, ROW_SETUP, gated_gelu, gelu_tanh, reference as activation
 
 NSG = 8  # simdgroups per threadgroup
 UNITS = 256  # units per sparse_up threadgroup
@@ -221,17 +221,13 @@ DOWN = FusedOp("sparse_down", ["act", *WEIGHTS, "meta"], ["out"], DOWN_SOURCE, d
                down_reference, _down_sample)
 
 
-def reference(x, gate, up, down_t, std_multiplier) -> mx.array:
-    """Today's op sequence: the dense up projection, the activation, the down projection."""
-    return down_t(activation(gate, up(x), std_multiplier))
-
-
 def sparse_ffn(x: mx.array, gate: mx.array, up: nn.Module, down_t: nn.Module,
                std_multiplier: float, enabled: bool = True) -> mx.array:
     """down_t(act(gate, up(x))) on a sparse layer whose down projection is stored
     transposed; at decode (one token per row) the two kernels unless `enabled` is False."""
     if not (kernels_enabled(enabled) and x.ndim >= 2 and x.shape[-2] == 1
             and supported(up, down_t)):
-        return reference(x, gate, up, down_t, std_multiplier)
+        # several tokens read most rows of up anyway: dense projections, the activation kernel
+        return down_t(gated_gelu(gate, up(x), std_multiplier, enabled=enabled))
     act = UP(x, gate, up, std_multiplier, enabled=enabled)[0]
     return DOWN(x, act, down_t, enabled=enabled)[0]

@@ -44,11 +44,16 @@ class AltUp(nn.Module):
 
     def fuse_projections(self) -> None:
         """At load (text/concat.fuse_projections): a router stored quantized is dequantized
-        once here, so that predict and correct do not each dequantize it on every token."""
+        once here, so that predict and correct do not each dequantize it on every token; the
+        coefficient maps are clipped once here, not on every call (clipping is idempotent)."""
         if isinstance(self.modality_router, nn.QuantizedLinear):
             weight = dense_weight(self.modality_router)
             self.modality_router = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
             self.modality_router.weight = weight
+        if self.coef_clip is not None:
+            for coefs in (self.prediction_coefs, self.correction_coefs):
+                coefs.weight = mx.clip(coefs.weight, -self.coef_clip, self.coef_clip)
+            self.coef_clip = None
 
     def predict(self, streams: mx.array, input_norm: RMSNorm, fused: bool, residual=()):
         """streams: [n, B, L, D] -> (predicted streams, `input_norm` of the active one).

@@ -1,8 +1,8 @@
 """Self-attention with q/k/v RMS norms, per-type RoPE, sliding windows and KV sharing.
 
-The norms and RoPE (kernels/qkv_norm_rope.py) and the attention itself
-(kernels/decode_attention.py) are fused kernels at decode where available; the modules'
-norm weights are what the checkpoint stores (v's norm has none)."""
+The norms and RoPE (kernels/qkv_norm_rope.py, decode and prefill chunks) and the attention
+itself at decode (kernels/decode_attention.py) are fused kernels where available; the
+modules' norm weights are what the checkpoint stores (v's norm has none)."""
 
 from typing import Any, Optional, Tuple
 

@@ -70,8 +70,10 @@ class DecoderLayer(nn.Module):
         residual = ()
         if isinstance(streams, PendingStreams):
             streams, *residual = streams
-        # Fused kernels at decode only: a prefill chunk is dominated by its matmuls.
-        fused = self.use_kernels and streams.shape[2] == 1
+        # The row kernels (one threadgroup per token) serve a prefill chunk too, where they
+        # replace ~30 small launches and several passes over the streams per layer
+        # (bench/prefill_graph.py).
+        fused = self.use_kernels
         eps = self.eps
         predictions, normed = self.altup.predict(streams, self.input_layernorm, fused, residual)
         laurel = self.laurel(normed)

@@ -114,7 +114,7 @@ class TextModel(nn.Module):
         per_layer = self.per_layer_inputs(inputs_embeds, per_layer_embeds)
 
         # the AltUp stream entry and exit kernels are written for the released 4 streams
-        fused = self.use_kernels and inputs_embeds.shape[1] == 1 and c.altup_num_inputs == STREAMS
+        fused = self.use_kernels and c.altup_num_inputs == STREAMS
         (h,) = altup_embed(
             inputs_embeds, *(p(inputs_embeds) for p in self.altup_projections), enabled=fused
         )
