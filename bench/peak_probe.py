@@ -1,0 +1,82 @@
+"""Memory an op takes beyond its inputs and output, at the shapes of a Gemma 3n prefill.
+
+MLX-CUDA measured E2B/E4B 4-bit at 1920 + 128 tokens with an MLX peak 0.35-0.7 GB above the
+weights (H200, 2026-11-26), while on MLX-CPU the same run stays within ~0.16 GB (activations
+of a 256-token chunk and the caches). Peak memory counts what a backend allocates inside an
+op as well (a dequantized copy of a weight for a matrix-matrix product, a score matrix in
+attention), which a graph does not show. This measures it per op, on whatever device MLX
+uses: the MLX peak during the op minus what was live before it and its output.
+
+    python bench/peak_probe.py [--shape E2B|E4B] > probe.jsonl      # one JSON line per case
+
+Activations are bfloat16 as in the GPU runs; `--dtype float32` for a quick run on MLX-CPU
+(whose bfloat16 quantized matmul takes minutes at these sizes).
+"""
+
+import argparse
+import json
+
+import mlx.core as mx
+
+# Real widths (hidden, FFN, q heads, kv heads, head dim, vocab).
+SHAPES = {"E2B": (2048, 8192, 8, 2, 256, 262144), "E4B": (2048, 16384, 8, 2, 256, 262144)}
+MB = 1e6
+
+
+def extra_mb(build) -> float:
+    """Peak during `build()`'s evaluation over what was live before it plus its output."""
+    mx.synchronize()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    out = build()
+    mx.eval(out)
+    mx.synchronize()
+    outputs = sum(o.nbytes for o in (out if isinstance(out, (list, tuple)) else [out]))
+    return (mx.get_peak_memory() - before - outputs) / MB
+
+
+def quantized(rows: int, cols: int, dtype: mx.Dtype):
+    w = mx.random.normal((rows, cols)).astype(dtype)
+    parts = mx.quantize(w, group_size=64, bits=4)
+    mx.eval(parts)
+    return parts
+
+
+def cases(shape: str, dtype: mx.Dtype):
+    hidden, ffn, heads, kv_heads, head_dim, vocab = SHAPES[shape]
+    weights = {"up (hidden->ffn)": quantized(ffn, hidden, dtype), "down (ffn->hidden)": quantized(hidden, ffn, dtype),
+               "q/k/v joined": quantized((heads + 2 * kv_heads) * head_dim, hidden, dtype)}
+    for name, (wq, scales, biases) in weights.items():
+        for m in (1, 8, 256, 1920):
+            x = mx.random.normal((1, m, wq.shape[1] * 8)).astype(dtype)
+            mx.eval(x)
+            yield f"qmm {name}", {"M": m}, lambda x=x, wq=wq, s=scales, b=biases: mx.quantized_matmul(
+                x, wq, s, b, transpose=True, group_size=64, bits=4)
+        del wq, scales, biases
+    weights.clear()
+    embed = quantized(vocab, hidden, dtype)
+    x = mx.random.normal((1, 1, hidden)).astype(dtype)
+    yield "tied logits (qmv)", {"M": 1}, lambda: mx.quantized_matmul(x, *embed, transpose=True, group_size=64, bits=4)
+    del embed
+    for queries, keys in ((256, 512 + 255), (256, 2048), (1920, 2048)):
+        q = mx.random.normal((1, heads, queries, head_dim)).astype(dtype)
+        k, v = (mx.random.normal((1, kv_heads, keys, head_dim)).astype(dtype) for _ in range(2))
+        mask = mx.arange(keys)[None] <= (mx.arange(queries)[:, None] + keys - queries)
+        mx.eval(q, k, v, mask)
+        yield "sdpa", {"queries": queries, "keys": keys}, lambda q=q, k=k, v=v, m=mask: (
+            mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=m))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="E4B")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    args = p.parse_args()
+    for op, dims, build in cases(args.shape, getattr(mx, args.dtype)):
+        extra_mb(build)  # the first run compiles kernels, which may allocate
+        print(json.dumps({"shape": args.shape, "op": op, **dims, "extra_mb": round(extra_mb(build), 2),
+                          "dtype": args.dtype, "device": str(mx.default_device()), "mlx": mx.__version__}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
