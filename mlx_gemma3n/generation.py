@@ -158,8 +158,7 @@ class DecodeStep:
         """The logits [1, vocab] after `token_id` (lazy), its row read first; the caches hold
         the token afterwards."""
         if self._compiled is not None and 0 <= token_id < self.text_vocab:
-            stored = [mx.array(t.stored_rows(np.array([token_id]))) for t in self.table.parts]
-            built = self.build(mx.array([token_id]), stored)
+            built = self.build(mx.array([token_id]), self.table.stored_rows(np.array([token_id])))
             self.commit(built, token_id)
             return built.logits
         return self.model(mx.array([[token_id]]), cache=self.cache)[:, -1, :]

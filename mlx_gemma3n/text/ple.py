@@ -74,7 +74,11 @@ class PerLayerEmbeddingTable:
         return [t for t in (self.weight, self.scales, self.biases) if t is not None]
 
     def rows(self, ids: Union[np.ndarray, slice]) -> mx.array:
-        return self.from_stored([mx.array(t.stored_rows(ids)) for t in self.parts])
+        return self.from_stored(self.stored_rows(ids))
+
+    def stored_rows(self, ids: Union[np.ndarray, slice]) -> List[mx.array]:
+        """Rows `ids` as their `parts` store them (storage dtypes), read from the file."""
+        return [mx.array(t.stored_rows(ids)) for t in self.parts]
 
     def from_stored(self, stored: Sequence[mx.array]) -> mx.array:
         """Rows from their `parts` as stored (storage dtypes) -> dequantized rows."""
