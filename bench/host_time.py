@@ -204,7 +204,7 @@ def _run(impl: str, model: Path, args) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--shape", choices=("E2B", "E4B"), default="E2B")
+    p.add_argument("--shape", choices=("E2B", "E4B", "tiny"), default="E2B")
     p.add_argument("--cache-dir", type=Path, default=CACHE, help="where bench/memory.py put the 4-bit checkpoints")
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--steps", type=int, default=20)

@@ -15,6 +15,7 @@ vectors such as norm scales) so that no page is zero and nothing is free to map.
 
 import argparse
 import copy
+import importlib.util
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+TINY = Path(__file__).resolve().parent.parent / "mlx_gemma3n" / "tiny.py"
 SHARD_BYTES = 4 << 30
 CHUNK = 1 << 24  # values generated per step (64 MiB of float32)
 
@@ -131,13 +133,20 @@ def _google_config(layers: int, intermediate: int, kv_shared: int) -> dict:
     }
 
 
+def _tiny():
+    """mlx_gemma3n/tiny.py loaded on its own: the package's __init__ imports MLX, which a GPU
+    machine installs only after its checkpoints have started building (bench/device_run.py)."""
+    spec = importlib.util.spec_from_file_location("_gemma3n_tiny", TINY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _tiny_config() -> dict:
     """mlx_gemma3n.tiny's config in the 2025 dialect, for dry runs. Two changes so that mlx-vlm
     can load it too: one FFN width for all layers, and the full-size vision tower (mlx-vlm
     ignores `model_args`; the tower is ~0.3B parameters, ~0.6 GB)."""
-    from mlx_gemma3n.tiny import TINY_CONFIG
-
-    cfg = copy.deepcopy(TINY_CONFIG)
+    cfg = copy.deepcopy(_tiny().TINY_CONFIG)
     cfg["vision_config"].pop("model_args", None)
     text = cfg["text_config"]
     text["intermediate_size"] = [128] * text["num_hidden_layers"]
@@ -244,9 +253,7 @@ def build(shape: str, out: Path, seed: int = 0, shard_bytes: int = SHARD_BYTES) 
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         gen = {"bos_token_id": 2, "eos_token_id": [1, 106], "pad_token_id": 0}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
-        from mlx_gemma3n.tiny import write_tiny_tokenizer
-
-        write_tiny_tokenizer(tmp)  # ids only need to be valid: prompts are random ids
+        _tiny().write_tiny_tokenizer(tmp)  # ids only need to be valid: prompts are random ids
         n_params = sum(int(np.prod(s)) for s in specs.values())
         (tmp / "README.md").write_text(
             f"Random-weight Gemma 3n ({shape} shapes, {n_params / 1e9:.3f}B parameters, bf16), "

@@ -1,11 +1,17 @@
-"""Memory an op takes beyond its inputs and output, at the shapes of a Gemma 3n prefill.
+"""Memory and time an op takes at the shapes of a Gemma 3n prefill.
 
 MLX-CUDA measured E2B/E4B 4-bit at 1920 + 128 tokens with an MLX peak 0.35-0.7 GB above the
 weights (H200, 2026-11-26), while on MLX-CPU the same run stays within ~0.16 GB (activations
 of a 256-token chunk and the caches). Peak memory counts what a backend allocates inside an
 op as well (a dequantized copy of a weight for a matrix-matrix product, a score matrix in
 attention), which a graph does not show. This measures it per op, on whatever device MLX
-uses: the MLX peak during the op minus what was live before it and its output.
+uses: the MLX peak during the op minus what was live before it and its output; and the op's
+median time over a few evaluations after a first (compiling) one.
+
+Besides the projections as stored for dense layers (transpose=True), the activation-sparse
+layers' down_proj as the converter stores it, [ffn, hidden] (transpose=False: MLX-CUDA 0.32
+routes that to its generic quantized matmul, not the Hopper/Ampere ones), and the alternative
+of dequantizing it for a plain matmul.
 
     python bench/peak_probe.py [--shape E2B|E4B] > probe.jsonl      # one JSON line per case
 
@@ -15,11 +21,14 @@ Activations are bfloat16 as in the GPU runs; `--dtype float32` for a quick run o
 
 import argparse
 import json
+import statistics
+import time
 
 import mlx.core as mx
 
 # Real widths (hidden, FFN, q heads, kv heads, head dim, vocab).
-SHAPES = {"E2B": (2048, 8192, 8, 2, 256, 262144), "E4B": (2048, 16384, 8, 2, 256, 262144)}
+SHAPES = {"E2B": (2048, 8192, 8, 2, 256, 262144), "E4B": (2048, 16384, 8, 2, 256, 262144),
+          "tiny": (128, 512, 2, 1, 64, 512)}  # tiny: bench/device_run.py's dry run
 MB = 1e6
 
 
@@ -33,6 +42,17 @@ def extra_mb(build) -> float:
     mx.synchronize()
     outputs = sum(o.nbytes for o in (out if isinstance(out, (list, tuple)) else [out]))
     return (mx.get_peak_memory() - before - outputs) / MB
+
+
+def median_ms(build, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        mx.synchronize()
+        t = time.perf_counter()
+        mx.eval(build())
+        mx.synchronize()
+        times.append(1e3 * (time.perf_counter() - t))
+    return statistics.median(times)
 
 
 def quantized(rows: int, cols: int, dtype: mx.Dtype):
@@ -54,6 +74,16 @@ def cases(shape: str, dtype: mx.Dtype):
                 x, wq, s, b, transpose=True, group_size=64, bits=4)
         del wq, scales, biases
     weights.clear()
+    wq, scales, biases = quantized(ffn, hidden, dtype)  # [ffn, hidden]: the sparse layers' down_proj
+    for m in (1, 8, 256, 1920):
+        x = mx.random.normal((1, m, ffn)).astype(dtype)
+        mx.eval(x)
+        yield "qmm down stored transposed (transpose=False)", {"M": m}, lambda x=x: mx.quantized_matmul(
+            x, wq, scales, biases, transpose=False, group_size=64, bits=4)
+        if m > 1:
+            yield "dequantize + matmul, down stored transposed", {"M": m}, lambda x=x: x @ mx.dequantize(
+                wq, scales, biases, group_size=64, bits=4)
+    del wq, scales, biases
     embed = quantized(vocab, hidden, dtype)
     x = mx.random.normal((1, 1, hidden)).astype(dtype)
     yield "tied logits (qmv)", {"M": 1}, lambda: mx.quantized_matmul(x, *embed, transpose=True, group_size=64, bits=4)
@@ -71,11 +101,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="E4B")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--repeats", type=int, default=5, help="timed evaluations per case")
     args = p.parse_args()
     for op, dims, build in cases(args.shape, getattr(mx, args.dtype)):
         extra_mb(build)  # the first run compiles kernels, which may allocate
         print(json.dumps({"shape": args.shape, "op": op, **dims, "extra_mb": round(extra_mb(build), 2),
-                          "dtype": args.dtype, "device": str(mx.default_device()), "mlx": mx.__version__}), flush=True)
+                          "ms": round(median_ms(build, args.repeats), 4), "dtype": args.dtype,
+                          "device": str(mx.default_device()), "mlx": mx.__version__}), flush=True)
 
 
 if __name__ == "__main__":

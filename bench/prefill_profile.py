@@ -68,7 +68,7 @@ class Timed:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", choices=("E2B", "E4B"), default="E2B")
+    p.add_argument("--shape", choices=("E2B", "E4B", "tiny"), default="E2B")
     p.add_argument("--cache-dir", type=Path, default=CACHE)
     p.add_argument("--context", type=int, default=448, help="synthetic positions before the prompt")
     p.add_argument("--prompt", type=int, default=64)

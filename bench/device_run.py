@@ -1,0 +1,356 @@
+"""Issue #11's accelerator numbers in one lent-GPU session (15 minutes of device time, start-up
+included), prepared here so that nothing is worked out on the device.
+
+What it measures, in this order (most wanted first; whatever the time allows): decode and
+prefill tok/s and MLX peak memory at 512 + 128 and 1920 + 128 tokens for E2B and E4B (4-bit),
+ours, mlx-vlm and ours before issue #11 (commit 5557004, with its own converter), each run a
+fresh `bench/worker.py --warmup` process (so kernels are compiled before the timed run); then
+each prefill op's time and extra memory (`bench/peak_probe.py`), the host time per decode step
+(`bench/host_time.py`) and one prefill chunk layer by layer (`bench/prefill_profile.py`).
+
+Here, where the package registries are reachable (runs ../shared/device/prepare.sh, adds the
+wheels that building a checkpoint needs if the device lacks them, exports the "before" tree):
+
+    python bench/device_run.py prepare
+
+Then three `run` calls of the device tool, back to back (the machine goes back after 30 s idle):
+
+    1. carry [".device/part1", ".device/extra"]:  python3 bench/device_run.py start-build
+       (copies part1 to $HOME/device, starts building the E2B/E4B checkpoints: no MLX needed)
+    2. carry [".device/part2", ".device/before"], timeout_s 600:
+       bash $HOME/device/install.sh && python3 bench/device_run.py start-measure && \\
+       python3 bench/device_run.py collect --wait 520
+    3. while device time is left:  python3 bench/device_run.py collect --wait SECONDS
+
+`collect` copies what is done so far to $OUT (results.jsonl: one JSON object per step; logs/)
+and prints a summary. A dry run of the same sequence on this machine with the tiny model:
+
+    python bench/device_run.py dry-run
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+DEVICE = REPO / ".device"
+BEFORE_COMMIT = "5557004"  # main before issue #11's changes (its checkpoints differ: own converter)
+EXTRA_WHEELS = ("sentencepiece", "protobuf")  # the tiny tokenizer a benchmark checkpoint carries
+POINTS = ((512, "E2B"), (1920, "E4B"), (512, "E4B"), (1920, "E2B"))
+GEN = 128
+IMPLS = ("ours", "mlx-vlm", "before")
+CHECKPOINT = {"ours": "ours", "mlx-vlm": "mlxvlm", "before": "before"}
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _spawn(args: list, log: Path) -> None:
+    """Start `bench/device_run.py args` detached (own session), so it outlives the tool's call."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as out:
+        subprocess.Popen([sys.executable, __file__, *args], stdout=out, stderr=subprocess.STDOUT,
+                         stdin=subprocess.DEVNULL, cwd=str(REPO), start_new_session=True)
+
+
+# -- here -----------------------------------------------------------------------------------
+
+
+def prepare(args) -> None:
+    subprocess.run(["bash", str(REPO.parent / "shared" / "device" / "prepare.sh")], check=True, cwd=str(REPO))
+    extra = DEVICE / "extra"
+    shutil.rmtree(extra, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                    "--python-version", "3.12", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64",
+                    "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64",
+                    "-d", str(extra), *EXTRA_WHEELS], check=True)
+    before = DEVICE / "before"
+    shutil.rmtree(before, ignore_errors=True)
+    before.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", BEFORE_COMMIT, "mlx_gemma3n", "convert"], cwd=str(REPO),
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(before)], input=archive, check=True)
+    head = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=str(REPO), capture_output=True,
+                          text=True).stdout.strip()
+    (DEVICE / "part2" / "main_head").write_text(head + "\n")  # the device gets the tree, not .git
+    sizes = subprocess.run(["du", "-sh", *(str(DEVICE / d) for d in ("part1", "part2", "extra", "before"))],
+                           capture_output=True, text=True).stdout
+    print(sizes + __doc__[__doc__.index("Then three"):__doc__.index("`collect` copies")])
+
+
+# -- device: checkpoints --------------------------------------------------------------------
+
+
+def start_build(args) -> None:
+    root = args.root
+    root.mkdir(parents=True, exist_ok=True)
+    part1 = DEVICE / "part1"
+    if part1.is_dir():
+        for f in part1.iterdir():
+            shutil.copy2(f, root / f.name)
+    _install_missing(DEVICE / "extra")
+    _spawn(["build", "--root", str(root), "--shapes", *args.shapes], root / "build.log")
+    _log(f"building {', '.join(args.shapes)} under {root / 'ckpt'} (log: {root / 'build.log'})")
+
+
+def _install_missing(wheels: Path) -> None:
+    for name in EXTRA_WHEELS:
+        module = "google.protobuf" if name == "protobuf" else name
+        if subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True).returncode == 0:
+            continue
+        found = sorted(wheels.glob(f"{name}-*.whl"))
+        if not found:
+            raise SystemExit(f"{module} is missing and {wheels} has no {name} wheel (run prepare here)")
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", str(found[-1])],
+                       check=True)
+        _log(f"installed {found[-1].name}")
+
+
+def build(args) -> None:
+    """Every shape's random HF checkpoint at once (one process each; make_checkpoint is atomic)."""
+    ckpt = args.root / "ckpt"
+    procs = {shape: subprocess.Popen([sys.executable, str(HERE / "make_checkpoint.py"), "--shape", shape,
+                                      "--out", str(ckpt / f"{shape}-hf")], cwd=str(REPO))
+             for shape in args.shapes}
+    failed = [shape for shape, proc in procs.items() if proc.wait() != 0]
+    _log(f"built: {', '.join(sorted(set(procs) - set(failed))) or 'none'}; failed: {', '.join(failed) or 'none'}")
+    if failed:
+        raise SystemExit(1)
+
+
+# -- device: measurements -------------------------------------------------------------------
+
+
+class Session:
+    """The ordered steps, each in a child process with what is left of the budget as timeout;
+    one JSON line per step in results.jsonl."""
+
+    def __init__(self, args):
+        self.args, self.root = args, args.root
+        self.ckpt, self.out = args.root / "ckpt", args.root / "results"
+        self.logs = self.out / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.deadline = time.monotonic() + args.budget
+        self.failed = set()
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def record(self, entry: dict) -> None:
+        entry["at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        with open(self.out / "results.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def child(self, name: str, cmd: list, env=None, cwd=REPO, cap: float = 600) -> dict:
+        """Run one step; {"step", "returncode", "seconds", "timed_out"} (returncode None if skipped)."""
+        entry = {"step": name}
+        timeout = min(cap, self.left())
+        if timeout < 20:
+            entry.update(returncode=None, skipped="device time budget spent")
+            return entry
+        _log(f"{name} (timeout {timeout:.0f}s)")
+        t = time.monotonic()
+        with open(self.logs / f"{name}.log", "w") as log:
+            try:
+                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env or dict(os.environ),
+                                    cwd=str(cwd), timeout=timeout).returncode
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                rc, timed_out = None, True
+        entry.update(returncode=rc, seconds=round(time.monotonic() - t, 1), timed_out=timed_out)
+        _log(f"{name}: {'timed out' if timed_out else f'exit {rc}'} after {entry['seconds']}s")
+        return entry
+
+    def env(self, impl: str) -> dict:
+        tree = DEVICE / "before" if impl == "before" else REPO
+        return dict(os.environ, PYTHONPATH=str(tree), BENCH_CACHE=str(self.ckpt))
+
+    def wait_for(self, shape: str) -> bool:
+        hf = self.ckpt / f"{shape}-hf"
+        while not (hf / "model.safetensors.index.json").is_file():
+            if self.left() < 60:
+                return False
+            time.sleep(5)
+        return True
+
+    def converted(self, shape: str, impl: str) -> Path:
+        return self.ckpt / f"{shape}-{CHECKPOINT[impl]}-4bit"
+
+    def convert(self, shape: str, impl: str) -> None:
+        out = self.converted(shape, impl)
+        if (out / "config.json").is_file():
+            return
+        if not self.wait_for(shape):
+            self.failed.add((shape, impl))
+            self.record({"step": f"convert-{shape}-{impl}", "returncode": None, "skipped": "no HF checkpoint"})
+            return
+        hf = self.ckpt / f"{shape}-hf"
+        if impl == "mlx-vlm":
+            cmd, cwd = [sys.executable, str(HERE / "vlm_convert.py")], REPO
+        else:  # `-m convert` resolves against the working directory first: run in the tree converted with
+            cmd, cwd = [sys.executable, "-m", "convert"], DEVICE / "before" if impl == "before" else REPO
+        entry = self.child(f"convert-{shape}-{impl}", cmd + ["--hf-path", str(hf), "--mlx-path", str(out), "-q"],
+                           env=self.env(impl), cwd=cwd)
+        if entry["returncode"] != 0:
+            self.failed.add((shape, impl))
+            shutil.rmtree(out, ignore_errors=True)
+        self.record(entry)
+
+    def generate(self, shape: str, prompt: int, impl: str) -> None:
+        if (shape, impl) in self.failed:
+            return
+        name = f"run-{shape}-{prompt}+{GEN}-{impl}"
+        result = self.logs / f"{name}.json"
+        cmd = [sys.executable, str(HERE / "worker.py"), "--impl", "mlx-vlm" if impl == "mlx-vlm" else "ours",
+               "--model", str(self.converted(shape, impl)), "--prompt", str(prompt), "--gen", str(GEN),
+               "--prefill-step", str(self.args.prefill_step), "--warmup", "--out", str(result)]
+        entry = self.child(name, cmd, env=self.env(impl))
+        if result.is_file():
+            run = json.loads(result.read_text())
+            entry.update({k: v for k, v in run.items() if k != "traceback"}, traceback=run.get("traceback"))
+        entry.update(shape=shape, impl=impl, prompt=prompt, gen=GEN)
+        self.record(entry)
+
+    def tool(self, name: str, cmd: list) -> None:
+        """A bench script whose stdout is the result (kept whole in the log, its tail recorded)."""
+        entry = self.child(name, [sys.executable, *cmd], env=self.env("ours"))
+        log = self.logs / f"{name}.log"
+        entry["output_tail"] = log.read_text(errors="replace")[-6000:] if log.is_file() else ""
+        self.record(entry)
+
+    def drop_hf(self, shape: str) -> None:
+        """The HF checkpoint once every conversion of it is done (disk: 64 GB holds ~50 GB of these)."""
+        if all((self.converted(shape, impl) / "config.json").is_file() or (shape, impl) in self.failed
+               for impl in IMPLS):
+            shutil.rmtree(self.ckpt / f"{shape}-hf", ignore_errors=True)
+
+
+def measure(args) -> None:
+    s = Session(args)
+    try:
+        info = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        info = None
+    head = DEVICE / "part2" / "main_head"
+    s.record({"step": "device", "gpu": info, "python": sys.version.split()[0], "budget_s": args.budget,
+              "shapes": args.shapes, "tree": head.read_text().strip() if head.is_file() else None})
+    # a dry run's one shape takes the two prompt lengths
+    points = [(p, shape) for p, shape in POINTS if shape in args.shapes] or [(p, args.shapes[0]) for p in (512, 1920)]
+    main_shape, last_shape = args.shapes[0], args.shapes[-1]
+    for prompt, shape in points[:2]:
+        for impl in IMPLS[:2]:
+            s.convert(shape, impl)
+        for impl in IMPLS[:2]:
+            s.generate(shape, prompt, impl)
+    for prompt, shape in points[:2]:
+        s.convert(shape, "before")
+        s.drop_hf(shape)
+        s.generate(shape, prompt, "before")
+    s.tool(f"probe-{last_shape}", [str(HERE / "peak_probe.py"), "--shape", last_shape])
+    for prompt, shape in points[2:]:
+        for impl in IMPLS:
+            s.generate(shape, prompt, impl)
+    s.tool(f"host_time-{main_shape}", [str(HERE / "host_time.py"), "--shape", main_shape, "--as-stored",
+                                       "--cache-dir", str(s.ckpt), "--results", str(s.logs / "host_time.json")])
+    s.tool(f"prefill_profile-{last_shape}", [str(HERE / "prefill_profile.py"), "--shape", last_shape, "--as-stored",
+                                        "--cache-dir", str(s.ckpt), "--context", str(args.profile_context),
+                                        "--prompt", str(args.prefill_step), "--chunk", str(args.prefill_step)])
+    (s.out / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    _log("done")
+
+
+def start_measure(args) -> None:
+    (args.root / "results").mkdir(parents=True, exist_ok=True)
+    _spawn(["measure", "--root", str(args.root), "--shapes", *args.shapes, "--budget", str(args.budget),
+            "--prefill-step", str(args.prefill_step), "--profile-context", str(args.profile_context)],
+           args.root / "results" / "measure.log")
+    _log(f"measuring (log: {args.root / 'results' / 'measure.log'})")
+
+
+# -- device: results ------------------------------------------------------------------------
+
+
+def collect(args) -> None:
+    results = args.root / "results"
+    t = time.monotonic()
+    while not (results / "DONE").is_file() and time.monotonic() - t < args.wait:
+        time.sleep(2)
+    out = Path(args.out or os.environ.get("OUT") or args.root / "collected")
+    out.mkdir(parents=True, exist_ok=True)
+    if results.is_dir():
+        shutil.copytree(results, out, dirs_exist_ok=True)
+    for log in ("build.log",):
+        if (args.root / log).is_file():
+            shutil.copy2(args.root / log, out / log)
+    print(summary(results / "results.jsonl"))
+    print("finished" if (results / "DONE").is_file() else "still running: collect again while device time is left")
+
+
+def summary(path: Path) -> str:
+    """One line per step: runs with their rates and MLX peak, others with their exit."""
+    if not path.is_file():
+        return "no results yet"
+    lines = []
+    for line in path.read_text().splitlines():
+        e = json.loads(line)
+        if e["step"] == "device":
+            lines.append(f"device: {e.get('gpu')}, python {e.get('python')}")
+        elif "prefill_tok_s" in e:
+            lines.append(f"{e['step']:<32} prefill {e['prefill_tok_s']:8.1f} tok/s  decode "
+                         f"{e.get('decode_tok_s', float('nan')):6.1f} tok/s  MLX peak "
+                         f"{e['mlx_peak_mib'] / 1024:5.2f} GiB  ttft {e['ttft_s']:.2f}s"
+                         + (f"  warnings: {'; '.join(e['warnings'])[:300]}" if e.get("warnings") else ""))
+        else:
+            state = e.get("skipped") or ("timed out" if e.get("timed_out") else f"exit {e.get('returncode')}")
+            error = f" {e['error'][:200]}" if e.get("error") else ""
+            lines.append(f"{e['step']:<32} {state}, {e.get('seconds', 0)}s{error}")
+    return "\n".join(lines)
+
+
+# -- dry run --------------------------------------------------------------------------------
+
+
+def dry_run(args) -> None:
+    """The device sequence on this machine with the tiny model (CPU, float32 preload as usual)."""
+    root = args.root
+    shutil.rmtree(root, ignore_errors=True)
+    if not (DEVICE / "before").is_dir():
+        raise SystemExit("no .device/before: run `python bench/device_run.py prepare` first")
+    me = [sys.executable, __file__]
+    common = ["--root", str(root), "--shapes", "tiny"]
+    subprocess.run(me + ["start-build", *common], check=True)
+    subprocess.run(me + ["start-measure", *common, "--budget", str(args.budget), "--profile-context", "64"],
+                   check=True)
+    subprocess.run(me + ["collect", "--root", str(root), "--wait", str(args.budget + 60)], check=True)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    commands = {"prepare": prepare, "start-build": start_build, "build": build, "start-measure": start_measure,
+                "measure": measure, "collect": collect, "dry-run": dry_run}
+    for name in commands:
+        c = sub.add_parser(name)
+        default_root = Path("/tmp/device-dry-run") if name == "dry-run" else Path.home() / "device"
+        c.add_argument("--root", type=Path, default=default_root, help="work folder (checkpoints, results)")
+        c.add_argument("--shapes", nargs="+", default=["E2B", "E4B"])
+        c.add_argument("--budget", type=float, default=700, help="seconds from the start of measure")
+        c.add_argument("--prefill-step", type=int, default=256)
+        c.add_argument("--profile-context", type=int, default=1664)
+        c.add_argument("--wait", type=float, default=0, help="collect: seconds to wait for the end")
+        c.add_argument("--out", type=Path, help="collect: where to copy the results (default $OUT)")
+    args = p.parse_args(argv)
+    commands[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
