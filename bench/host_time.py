@@ -53,6 +53,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from synthetic_context import fill_cache
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -76,16 +77,6 @@ def _load(impl: str, model_dir: Path, float32: bool):
         model.language_model.set_dtype(mx.float32)
     mx.eval(model.parameters())
     return model
-
-
-def _fill(cache: list, text: dict, context: int, dtype: mx.Dtype) -> None:
-    """`context` positions in every cache: a prompt chunk, then its last token alone."""
-    shape = (1, text["num_key_value_heads"], context - 1, text["head_dim"])
-    k, v = (mx.random.normal(shape).astype(dtype) for _ in range(2))
-    for c in cache:
-        c.update_and_fetch(k, v)
-        c.update_and_fetch(k[:, :, -1:], v[:, :, -1:])
-    mx.eval([x for c in cache for x in (c.keys, c.values)])
 
 
 def _serial(impl: str, model, cache: list, history: mx.array):
@@ -166,7 +157,7 @@ def worker(args) -> dict:
     text = json.loads((args.model / "config.json").read_text())["text_config"]
     dtype = mx.float32 if args.float32 else mx.bfloat16
     cache = model.language_model.make_cache() if args.worker == "mlx-vlm" else model.make_cache()
-    _fill(cache, text, args.context, dtype)
+    fill_cache(cache, text["num_key_value_heads"], text["head_dim"], args.context, dtype, last_alone=True)
     rng = np.random.default_rng(0)
     token_id = int(rng.integers(3, text["vocab_size_per_layer_input"]))
     history = mx.array(rng.integers(3, 1000, 8))

@@ -35,6 +35,7 @@ from mlx_gemma3n.config import PRESETS, ModelConfig  # noqa: E402
 from mlx_gemma3n.kernels import set_kernels, use_factory  # noqa: E402
 from mlx_gemma3n.model import Gemma3n  # noqa: E402
 from mlx_gemma3n.text.concat import fuse_projections  # noqa: E402
+from synthetic_context import fill_cache  # noqa: E402
 
 # Primitives that only re-describe memory: no launch.
 VIEWS = {
@@ -126,10 +127,7 @@ def build(shape: str, bits: int, dtype: mx.Dtype) -> Gemma3n:
 def filled_cache(model: Gemma3n, context: int, dtype: mx.Dtype) -> list:
     c = model.config.text_config
     cache = model.make_cache()
-    kv = mx.zeros((1, c.num_key_value_heads, context - 1, c.head_dim), dtype=dtype)
-    for layer_cache in cache:
-        layer_cache.update_and_fetch(kv, kv)
-    mx.eval([layer_cache.state for layer_cache in cache])
+    fill_cache(cache, c.num_key_value_heads, c.head_dim, context - 1, dtype)
     return cache
 
 

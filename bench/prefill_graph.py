@@ -99,6 +99,7 @@ from mlx_gemma3n.text.concat import fuse_projections  # noqa: E402
 from mlx_gemma3n.text.config import GLOBAL, SLIDING, TextConfig  # noqa: E402
 from mlx_gemma3n.text.model import TextModel  # noqa: E402
 from mlx_gemma3n.text.ple import NAME as PLE_NAME, PerLayerEmbeddingTable  # noqa: E402
+from synthetic_context import fill_cache  # noqa: E402
 
 # (kind, activation sparsity) of the six computed layers; the middle four are reported
 # (the first has no previous layer's residual to take, the last adds its own).
@@ -508,15 +509,6 @@ def mlx_vlm(cfg: dict):
     return lm
 
 
-def _fill(cache: list, n_kv: int, head_dim: int, context: int) -> None:
-    if not context:
-        return
-    kv = mx.zeros((1, n_kv, context, head_dim), dtype=mx.bfloat16)
-    for c in cache:
-        c.update_and_fetch(kv, kv)
-    mx.eval([c.state for c in cache])
-
-
 def _states(cache: list) -> list:
     """The arrays the prefill evaluates after a chunk."""
     return [a for c in cache for a in tree_flatten(c.state) if isinstance(a, mx.array)]
@@ -559,7 +551,7 @@ def ours_graph(lm: TextModel, L: int, context: int, kernels: bool, marks: Marks)
     c = lm.config
     set_kernels(lm, kernels)
     cache = lm.make_cache()
-    _fill(cache, c.num_key_value_heads, c.head_dim, context)
+    fill_cache(cache, c.num_key_value_heads, c.head_dim, context, mx.bfloat16)
     layers = list(lm.layers)
     lm.layers = [Tagging(layer, i, marks, (0, 1, 2)) for i, layer in enumerate(layers)]
     ids = mx.array(np.random.default_rng(0).integers(0, VOCAB, (1, L)), dtype=mx.int32)
@@ -588,7 +580,7 @@ def vlm_graph(lm, L: int, context: int, marks: Marks):
     prefills in steps of prefill_step_size)."""
     c = lm.config
     cache = lm.make_cache()
-    _fill(cache, c.num_key_value_heads, c.head_dim, context)
+    fill_cache(cache, c.num_key_value_heads, c.head_dim, context, mx.bfloat16)
     model = lm.model
     layers = list(model.layers)
     model.layers = [Tagging(layer, i, marks, (0, 1, 3)) for i, layer in enumerate(layers)]

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from host_time import CACHE, _fill, _load
+from host_time import CACHE, _load
+from synthetic_context import fill_cache
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", choices=("E2B", "E4B"), default="E2B")
+    p.add_argument("--shape", choices=("E2B", "E4B", "tiny"), default="E2B")
     p.add_argument("--cache-dir", type=Path, default=CACHE)
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--chunk", type=int, default=256)
@@ -39,7 +40,7 @@ def main(argv=None) -> None:
     read, build = [], []
     for _ in range(args.repeats):
         cache = model.make_cache()
-        _fill(cache, text, args.context, mx.bfloat16)
+        fill_cache(cache, text["num_key_value_heads"], text["head_dim"], args.context, mx.bfloat16)
         ids = mx.array(rng.integers(3, text["vocab_size_per_layer_input"], (1, args.chunk)))
         embeds = model.embed_inputs(ids)
         mx.eval(embeds)

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from host_time import CACHE, _fill, _load
+from host_time import CACHE, _load
+from synthetic_context import fill_cache
 
 from mlx_gemma3n.generation import prefill
 from mlx_gemma3n.text.decoder import PendingStreams
@@ -84,7 +85,8 @@ def main(argv=None) -> None:
     text = json.loads((model_dir / "config.json").read_text())["text_config"]
     cache = model.make_cache()
     if args.context:
-        _fill(cache, text, args.context, mx.float32 if args.float32 else mx.bfloat16)
+        fill_cache(cache, text["num_key_value_heads"], text["head_dim"], args.context,
+                   mx.float32 if args.float32 else mx.bfloat16)
     log = defaultdict(float)
     for i, layer in enumerate([] if args.untimed else lm.layers):
         layer.mlp = Timed(layer.mlp, log, f"{i:02d} ffn", inputs_key=f"{i:02d} before ffn")
