@@ -1,7 +1,9 @@
 """Issue #11's accelerator numbers in one lent-GPU session (15 minutes of device time, start-up
 included), prepared here so that nothing is worked out on the device.
 
-What it measures, in this order (most wanted first; whatever the time allows): decode and
+First, while the checkpoints build, `tests/device_check.py`: the fused kernels and the decode
+steps built ahead against the reference path on the device (tiny demo model). Then what it
+measures, in this order (most wanted first; whatever the time allows): decode and
 prefill tok/s and MLX peak memory at 512 + 128 and 1920 + 128 tokens for E2B and E4B (4-bit),
 ours, mlx-vlm and ours before issue #11 (commit 5557004, with its own converter), each run a
 fresh `bench/worker.py --warmup` process (so kernels are compiled before the timed run); then
@@ -242,6 +244,7 @@ def measure(args) -> None:
     head = DEVICE / "part2" / "main_head"
     s.record({"step": "device", "gpu": info, "python": sys.version.split()[0], "budget_s": args.budget,
               "shapes": args.shapes, "tree": head.read_text().strip() if head.is_file() else None})
+    s.tool("device_check", [str(REPO / "tests" / "device_check.py")])  # while the checkpoints build
     # a dry run's one shape takes the two prompt lengths
     points = [(p, shape) for p, shape in POINTS if shape in args.shapes] or [(p, args.shapes[0]) for p in (512, 1920)]
     main_shape, last_shape = args.shapes[0], args.shapes[-1]
@@ -279,19 +282,23 @@ def start_measure(args) -> None:
 
 
 def collect(args) -> None:
+    """Copy the results to $OUT every few seconds (a call cut off by its time limit still
+    returns what was copied) until the measuring is done or `--wait` seconds have passed."""
     results = args.root / "results"
-    t = time.monotonic()
-    while not (results / "DONE").is_file() and time.monotonic() - t < args.wait:
-        time.sleep(2)
     out = Path(args.out or os.environ.get("OUT") or args.root / "collected")
     out.mkdir(parents=True, exist_ok=True)
-    if results.is_dir():
-        shutil.copytree(results, out, dirs_exist_ok=True)
-    for log in ("build.log",):
-        if (args.root / log).is_file():
-            shutil.copy2(args.root / log, out / log)
+    t = time.monotonic()
+    while True:
+        done = (results / "DONE").is_file()
+        if results.is_dir():
+            shutil.copytree(results, out, dirs_exist_ok=True)
+        if (args.root / "build.log").is_file():
+            shutil.copy2(args.root / "build.log", out / "build.log")
+        if done or time.monotonic() - t >= args.wait:
+            break
+        time.sleep(min(15, max(args.wait - (time.monotonic() - t), 0)))
     print(summary(results / "results.jsonl"))
-    print("finished" if (results / "DONE").is_file() else "still running: collect again while device time is left")
+    print("finished" if done else "still running: collect again while device time is left")
 
 
 def summary(path: Path) -> str:

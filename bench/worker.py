@@ -304,6 +304,7 @@ def main(argv=None) -> None:
     mx.reset_peak_memory()
     with warnings.catch_warnings(record=True) as caught:  # e.g. a kernel failing its self-check
         warnings.simplefilter("always")
+        warnings.simplefilter("ignore", ResourceWarning)
         try:
             (run_ours if args.impl == "ours" else run_mlx_vlm)(args, result)
             result["ok"] = True

@@ -25,3 +25,15 @@ def test_checkpoints_build_without_mlx(tmp_path):
     # the blocker works: the same environment cannot import MLX
     probe = subprocess.run([sys.executable, "-c", "import mlx.core"], env=env, capture_output=True, text=True)
     assert "MLX is not installed yet" in probe.stderr
+
+
+def test_device_check_runs_the_kernels_and_passes():
+    """tests/device_check.py, the first step on a lent GPU, on the CPU Metal executor: the
+    kernel path really differs from the reference ops (the kernels ran), within its bound."""
+    out = subprocess.run([sys.executable, str(REPO / "tests" / "device_check.py"), "--executor", "--tokens", "24"],
+                         cwd=str(REPO), capture_output=True, text=True)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert out.returncode == 0 and report["ok"] and not report["kernel_warnings"]
+    float32 = next(c for c in report["checks"] if c["dtype"] == "float32")
+    assert 0 < float32["kernels_vs_reference_max_rel"] <= 1e-5
+    assert float32["tokens_agree_until"] == 24
