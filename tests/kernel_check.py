@@ -54,17 +54,22 @@ def executed(op, args: tuple) -> tuple:
     return run_all_schedules(lambda: op.launch(kernel, *args))
 
 
-def assert_close(got: mx.array, want: mx.array, dtype: mx.Dtype, what: str = "") -> None:
+def assert_within(got: mx.array, want: np.ndarray, scale, dtype: mx.Dtype, what: str = "") -> None:
+    """got (of `dtype`) against a float64 `want`: float32 within 1e-5 of `scale`, half types
+    within 2 ulp of the output type at `scale` (per element or one for all)."""
     assert got.shape == want.shape and got.dtype == dtype, (what, got.shape, got.dtype)
-    g = np.array(got.astype(mx.float32), dtype=np.float64)
-    w = np.array(want.astype(mx.float32), dtype=np.float64)
-    scale = np.maximum(np.abs(w), np.sqrt(np.mean(w * w)))
+    err = np.abs(np.array(got.astype(mx.float32), dtype=np.float64) - want)
     limit = 1e-5 * scale if dtype == mx.float32 else 2 * ulp(dtype, scale)
-    bad = ~(np.abs(g - w) <= limit)
+    bad = ~(err <= limit)
     assert not bad.any(), (
-        f"{what}: {bad.sum()} of {bad.size} elements off, worst "
-        f"{np.max(np.abs(g - w) / limit):.3g}x the limit"
+        f"{what}: {bad.sum()} of {bad.size} elements off, worst {np.max(err / limit):.3g}x the limit"
     )
+
+
+def assert_close(got: mx.array, want: mx.array, dtype: mx.Dtype, what: str = "") -> None:
+    """got against an fp32 reference output, at the scale the module docstring gives."""
+    w = np.array(want.astype(mx.float32), dtype=np.float64)
+    assert_within(got, w, np.maximum(np.abs(w), np.sqrt(np.mean(w * w))), dtype, what)
 
 
 def check_kernel(op, args: tuple) -> tuple:

@@ -5,7 +5,7 @@ caches and a KV-shared layer; the per-case switch and its SDPA default."""
 import mlx.core as mx
 import numpy as np
 import pytest
-from kernel_check import executed, ulp
+from kernel_check import assert_within, executed
 from kernel_launches import Counting
 
 from mlx_gemma3n.kernels import decode_attention as attn
@@ -37,11 +37,7 @@ def assert_attention_close(got, q, keys, values):
     """float32 within 1e-5 of the element's scale, half types within 2 ulp at that scale: a
     weighted average of many values can cancel far below the size of its terms."""
     want, scale = _oracle(q, keys, values)
-    dtype = q.dtype
-    assert got.shape == want.shape and got.dtype == dtype
-    err = np.abs(np.array(got.astype(mx.float32), np.float64) - want)
-    limit = 1e-5 * scale if dtype == mx.float32 else 2 * ulp(dtype, scale)
-    assert (err <= limit).all(), f"worst {np.max(err / limit):.3g}x the limit"
+    assert_within(got, want, scale, q.dtype, "attention")
 
 
 def _executed_attention(q, keys, values, split_len, n_splits):

@@ -5,7 +5,7 @@ widths. (The MLP's dispatch to it: test_kernels_attnffn_wiring.py.)"""
 import mlx.core as mx
 import numpy as np
 import pytest
-from kernel_check import DTYPES, executed, ulp
+from kernel_check import DTYPES, assert_within, executed
 
 from mlx_gemma3n.kernels import sparse_ffn as f
 
@@ -37,14 +37,6 @@ def _oracle(x, gate, up, down_t):
     return (act, floor(act_scale)), (out.reshape(x.shape), floor(out_scale).reshape(x.shape))
 
 
-def _assert_close(got, want, scale, dtype):
-    """float32: within 1e-5 of the scale; half types: 2 ulp at the scale."""
-    assert got.dtype == dtype and got.shape == want.shape
-    err = np.abs(np.array(got.astype(mx.float32), np.float64) - want)
-    limit = 1e-5 * scale if dtype == mx.float32 else 2 * ulp(dtype, scale)
-    assert (err <= limit).all(), f"worst {np.max(err / limit):.3g}x the limit"
-
-
 def _args(dtype, dims, hidden, bits, rows=2):
     k = mx.random.split(mx.random.key(dims + bits), 3)
     up, down_t = f.sample_layers(dtype, dims, hidden, bits, k[0])
@@ -66,7 +58,7 @@ def test_matches_the_oracle(dtype, case):
     out = executed(f.DOWN, (x, act, down_t))[0]
     (want_act, act_scale), (want, out_scale) = _oracle(x, gate, up, down_t)
     # The activations are float32 whatever the dtype; the output is rounded once.
-    _assert_close(act, want_act, act_scale, mx.float32)
-    _assert_close(out, want, out_scale, dtype)
+    assert_within(act, want_act, act_scale, mx.float32, "activations")
+    assert_within(out, want, out_scale, dtype, "output")
     kept = (want_act != 0).mean()
     assert 0.02 < kept < 0.09 and np.array_equal(np.array(act) != 0, want_act != 0)
