@@ -14,16 +14,17 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .base import MAX_GRID_ROWS, FusedOp
+from .rows import ROW_HEADER
 
 # One threadgroup per row of `gate` ([rows, N]; row threadgroup_position_in_grid.y), shared
-# with the sparse FFN kernel.
+# with the sparse FFN kernel; whole simdgroups (rows.THREADGROUP_SUMS).
 ROW_SETUP = """
     threadgroup float partial[32];
     uint tid = thread_position_in_threadgroup.x;
     uint tpg = threads_per_threadgroup.x;
     uint lane = thread_index_in_simdgroup;
-    uint sg = simdgroup_index_in_threadgroup;
-    uint nsg = (tpg + 31) / 32;
+    uint simd = simdgroup_index_in_threadgroup;
+    uint simds = (tpg + 31) / 32;
     uint row = threadgroup_position_in_grid.y;
     uint N = gate_shape[1];
     auto g = gate + row * N;
@@ -31,40 +32,22 @@ ROW_SETUP = """
 """
 
 # The gaussian top-k cutoff of the row, into `cutoff`. Two passes (mean, then the mean
-# squared deviation) for accuracy; each threadgroup sum is simd_sum, then the simdgroup
-# partials added in one fixed order by every thread, so all threads hold the same cutoff.
+# squared deviation) for accuracy; every thread holds the same cutoff.
 CUTOFF = """
     {
-        float s = 0.0f;
+        float s[1] = {0.0f};
         for (uint i = tid; i < N; i += tpg) {
-            s += static_cast<float>(g[i]);
+            s[0] += static_cast<float>(g[i]);
         }
-        s = simd_sum(s);
-        if (lane == 0) {
-            partial[sg] = s;
-        }
-        threadgroup_barrier(mem_flags::mem_threadgroup);
-        float total = 0.0f;
-        for (uint j = 0; j < nsg; j++) {
-            total += partial[j];
-        }
-        float mean = total / N;
-        threadgroup_barrier(mem_flags::mem_threadgroup);
-        float d2 = 0.0f;
+        THREADGROUP_SUMS(1, s, partial);
+        float mean = s[0] / N;
+        float d2[1] = {0.0f};
         for (uint i = tid; i < N; i += tpg) {
             float t = static_cast<float>(g[i]) - mean;
-            d2 += t * t;
+            d2[0] += t * t;
         }
-        d2 = simd_sum(d2);
-        if (lane == 0) {
-            partial[sg] = d2;
-        }
-        threadgroup_barrier(mem_flags::mem_threadgroup);
-        total = 0.0f;
-        for (uint j = 0; j < nsg; j++) {
-            total += partial[j];
-        }
-        cutoff = mean + metal::precise::sqrt(total / N) * std_multiplier[0];
+        THREADGROUP_SUMS(1, d2, partial);
+        cutoff = mean + metal::precise::sqrt(d2[0] / N) * std_multiplier[0];
     }
 """
 
@@ -147,7 +130,7 @@ def sample(dtype: mx.Dtype) -> tuple:
 
 
 OP = FusedOp("gated_gelu", ["gate", "up", "std_multiplier"], ["out"], SOURCE, launch,
-             lambda *args: (reference(*args),), sample)
+             lambda *args: (reference(*args),), sample, header=ROW_HEADER)
 
 
 def gated_gelu(gate: mx.array, up: mx.array, std_multiplier: Optional[float],

@@ -21,6 +21,7 @@ import mlx.nn as nn
 from ..text.transposed import TransposedLinear
 from .base import FusedOp, kernels_enabled
 from .gated_gelu import CUTOFF, ROW_SETUP, gated_gelu, gelu_tanh, reference as activation
+from .rows import ROW_HEADER
 
 NSG = 8  # simdgroups per threadgroup
 UNITS = 256  # units per sparse_up threadgroup
@@ -42,7 +43,7 @@ UP_SOURCE = ROW_SETUP + CUTOFF + QUANT + f"""
     auto xr = x + row * D;
     uint first = threadgroup_position_in_grid.z * UNITS;
     uint last = metal::min(first + UNITS, N);
-    for (uint n = first + sg; n < last; n += nsg) {{
+    for (uint n = first + simd; n < last; n += simds) {{
         float z = static_cast<float>(g[n]) - cutoff;
         float a = 0.0f;
         if (z > 0.0f) {{
@@ -216,7 +217,7 @@ def _down_sample(dtype: mx.Dtype) -> tuple:
 
 
 UP = FusedOp("sparse_up", ["x", "gate", *WEIGHTS, "std_multiplier", "meta"], ["act"],
-             UP_SOURCE, up_launch, up_reference, _up_sample)
+             UP_SOURCE, up_launch, up_reference, _up_sample, header=ROW_HEADER)
 DOWN = FusedOp("sparse_down", ["act", *WEIGHTS, "meta"], ["out"], DOWN_SOURCE, down_launch,
                down_reference, _down_sample)
 
