@@ -10,21 +10,22 @@ fresh `bench/worker.py --warmup` process (so kernels are compiled before the tim
 each prefill op's time and extra memory (`bench/peak_probe.py`), the host time per decode step
 (`bench/host_time.py`) and one prefill chunk layer by layer (`bench/prefill_profile.py`).
 
-Here, where the package registries are reachable (runs ../shared/device/prepare.sh, adds the
-wheels that building a checkpoint needs if the device lacks them, exports the "before" tree):
+Here, where the package registries are reachable (runs ../shared/device/prepare.sh and
+exports the "before" tree):
 
     python bench/device_run.py prepare
 
 Then three `run` calls of the device tool, back to back (the machine goes back after 30 s idle):
 
-    1. carry [".device/part1", ".device/extra"]:  python3 bench/device_run.py start-build
+    1. carry [".device/part1"]:  python3 bench/device_run.py start-build
        (copies part1 to $HOME/device, starts building the E2B/E4B checkpoints: no MLX needed)
     2. carry [".device/part2", ".device/before"], timeout_s 600:
        bash $HOME/device/install.sh && python3 bench/device_run.py start-measure && \\
        python3 bench/device_run.py collect --wait 520
     3. while device time is left:  python3 bench/device_run.py collect --wait SECONDS
 
-`collect` copies what is done so far to $OUT (results.jsonl: one JSON object per step; logs/)
+`collect` copies what is done so far to $OUT (results.jsonl: one JSON object per step, the
+two progress logs, logs.tgz: every step's output; four files, as the tool returns at most 8)
 and prints a summary. A dry run of the same sequence on this machine with the tiny model:
 
     python bench/device_run.py dry-run
@@ -43,7 +44,6 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DEVICE = REPO / ".device"
 BEFORE_COMMIT = "5557004"  # main before issue #11's changes (its checkpoints differ: own converter)
-EXTRA_WHEELS = ("sentencepiece", "protobuf")  # the tiny tokenizer a benchmark checkpoint carries
 POINTS = ((512, "E2B"), (1920, "E4B"), (512, "E4B"), (1920, "E2B"))
 GEN = 128
 IMPLS = ("ours", "mlx-vlm", "before")
@@ -67,12 +67,6 @@ def _spawn(args: list, log: Path) -> None:
 
 def prepare(args) -> None:
     subprocess.run(["bash", str(REPO.parent / "shared" / "device" / "prepare.sh")], check=True, cwd=str(REPO))
-    extra = DEVICE / "extra"
-    shutil.rmtree(extra, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                    "--python-version", "3.12", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64",
-                    "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64",
-                    "-d", str(extra), *EXTRA_WHEELS], check=True)
     before = DEVICE / "before"
     shutil.rmtree(before, ignore_errors=True)
     before.mkdir(parents=True)
@@ -82,7 +76,7 @@ def prepare(args) -> None:
     head = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=str(REPO), capture_output=True,
                           text=True).stdout.strip()
     (DEVICE / "part2" / "main_head").write_text(head + "\n")  # the device gets the tree, not .git
-    sizes = subprocess.run(["du", "-sh", *(str(DEVICE / d) for d in ("part1", "part2", "extra", "before"))],
+    sizes = subprocess.run(["du", "-sh", *(str(DEVICE / d) for d in ("part1", "part2", "before"))],
                            capture_output=True, text=True).stdout
     print(sizes + __doc__[__doc__.index("Then three"):__doc__.index("`collect` copies")])
 
@@ -97,22 +91,8 @@ def start_build(args) -> None:
     if part1.is_dir():
         for f in part1.iterdir():
             shutil.copy2(f, root / f.name)
-    _install_missing(DEVICE / "extra")
     _spawn(["build", "--root", str(root), "--shapes", *args.shapes], root / "build.log")
     _log(f"building {', '.join(args.shapes)} under {root / 'ckpt'} (log: {root / 'build.log'})")
-
-
-def _install_missing(wheels: Path) -> None:
-    for name in EXTRA_WHEELS:
-        module = "google.protobuf" if name == "protobuf" else name
-        if subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True).returncode == 0:
-            continue
-        found = sorted(wheels.glob(f"{name}-*.whl"))
-        if not found:
-            raise SystemExit(f"{module} is missing and {wheels} has no {name} wheel (run prepare here)")
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", str(found[-1])],
-                       check=True)
-        _log(f"installed {found[-1].name}")
 
 
 def build(args) -> None:
@@ -290,10 +270,11 @@ def collect(args) -> None:
     t = time.monotonic()
     while True:
         done = (results / "DONE").is_file()
-        if results.is_dir():
-            shutil.copytree(results, out, dirs_exist_ok=True)
-        if (args.root / "build.log").is_file():
-            shutil.copy2(args.root / "build.log", out / "build.log")
+        for f in (results / "results.jsonl", results / "measure.log", args.root / "build.log"):
+            if f.is_file():
+                shutil.copy2(f, out / f.name)
+        if (results / "logs").is_dir():
+            subprocess.run(["tar", "-czf", str(out / "logs.tgz"), "-C", str(results), "logs"], check=False)
         if done or time.monotonic() - t >= args.wait:
             break
         time.sleep(min(15, max(args.wait - (time.monotonic() - t), 0)))
