@@ -2,7 +2,7 @@
 prefill overlapped them (generation.prefill queues a chunk with mx.async_eval and reads the
 next chunk's per-layer-embedding rows and builds its graph while it runs).
 
-Per chunk of --chunk random ids after --context positions (synthetic, as in host_time.py),
+Per chunk of --chunk random ids after --context positions (synthetic: synthetic_context.py),
 on the benchmark checkpoint (ours), medians over --repeats:
     ple read   `per_layer_embeddings`: the rows read from the file, dequantized (evaluated)
     build      the decoder's graph over the caches, not evaluated
