@@ -5,7 +5,7 @@ Each timed part is evaluated on its own (layers, then their FFNs), so parts do n
 and the sum is a little above an untimed prefill. Only what the real prefill computes is
 timed: the KV-shared layers run for the last position alone (`generation.prefill`). The
 context before the timed chunks can be synthetic (--context: random keys/values in the
-caches, as in host_time.py), so that a chunk late in a long prompt costs minutes, not hours,
+caches, bench/synthetic_context.py), so that a chunk late in a long prompt costs minutes, not hours,
 on MLX-CPU.
 
     nice python bench/prefill_profile.py --shape E2B --context 448 --prompt 64 --chunk 64
