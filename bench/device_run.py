@@ -98,10 +98,13 @@ def start_build(args) -> None:
 def build(args) -> None:
     """Every shape's random HF checkpoint at once (one process each; make_checkpoint is atomic)."""
     ckpt = args.root / "ckpt"
+    ckpt.mkdir(parents=True, exist_ok=True)
     procs = {shape: subprocess.Popen([sys.executable, str(HERE / "make_checkpoint.py"), "--shape", shape,
                                       "--out", str(ckpt / f"{shape}-hf")], cwd=str(REPO))
              for shape in args.shapes}
     failed = [shape for shape, proc in procs.items() if proc.wait() != 0]
+    for shape in failed:  # measure stops waiting for it
+        (ckpt / f"{shape}-hf.failed").touch()
     _log(f"built: {', '.join(sorted(set(procs) - set(failed))) or 'none'}; failed: {', '.join(failed) or 'none'}")
     if failed:
         raise SystemExit(1)
@@ -157,7 +160,7 @@ class Session:
     def wait_for(self, shape: str) -> bool:
         hf = self.ckpt / f"{shape}-hf"
         while not (hf / "model.safetensors.index.json").is_file():
-            if self.left() < 60:
+            if self.left() < 60 or hf.with_name(f"{hf.name}.failed").exists():
                 return False
             time.sleep(5)
         return True
@@ -171,7 +174,8 @@ class Session:
             return
         if not self.wait_for(shape):
             self.failed.add((shape, impl))
-            self.record({"step": f"convert-{shape}-{impl}", "returncode": None, "skipped": "no HF checkpoint"})
+            self.record({"step": f"convert-{shape}-{impl}", "returncode": None,
+                         "skipped": "no HF checkpoint (build.log says why)"})
             return
         hf = self.ckpt / f"{shape}-hf"
         if impl == "mlx-vlm":
