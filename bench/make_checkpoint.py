@@ -15,6 +15,7 @@ vectors such as norm scales) so that no page is zero and nothing is free to map.
 
 import argparse
 import copy
+import functools
 import importlib.util
 import json
 import os
@@ -133,6 +134,7 @@ def _google_config(layers: int, intermediate: int, kv_shared: int) -> dict:
     }
 
 
+@functools.lru_cache(maxsize=None)
 def _tiny():
     """mlx_gemma3n/tiny.py loaded on its own: the package's __init__ imports MLX, which a GPU
     machine installs only after its checkpoints have started building (bench/device_run.py)."""
