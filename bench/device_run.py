@@ -21,7 +21,7 @@ Then three `run` calls of the device tool, back to back (the machine goes back a
        (copies part1 to $HOME/device, starts building the E2B/E4B checkpoints: no MLX needed)
     2. carry [".device/part2", ".device/before"], timeout_s 600:
        bash $HOME/device/install.sh && python3 bench/device_run.py start-measure && \\
-       python3 bench/device_run.py collect --wait 520
+       python3 bench/device_run.py collect --wait 480
     3. while device time is left:  python3 bench/device_run.py collect --wait SECONDS
 
 `collect` copies what is done so far to $OUT (results.jsonl: one JSON object per step, the
