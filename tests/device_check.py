@@ -11,7 +11,11 @@ chunks, across the sliding window several times), in float32 and in bfloat16, by
                built ahead has its row);
 - `reference`: kernels off (the pure-MLX ops): log-probabilities within TOL (relative to the
                largest) of `ahead` at every step of their common prefix (compared on the same
-               tokens: a near-tie may flip a later greedy choice), the first token included.
+               tokens: a near-tie may flip a later greedy choice), the first token included;
+- `cpu`:       (float32) the first token's log-probabilities on the CPU stream, kernels off,
+               within CPU_TOL of `ahead`'s: the device's own ops against MLX-CPU's, so that
+               kernels and reference cannot agree on a wrong answer (loose: a GPU's float32
+               matmul may round its inputs to TF32).
 
 No kernel may fail its first-use self-check. Prints one JSON line; exits 1 if a check fails.
 `--executor` runs the kernels' Metal sources on the CPU executor instead (a machine without
@@ -37,6 +41,7 @@ from mlx_gemma3n.kernels import set_kernels, use_factory
 from mlx_gemma3n.loading import load_model
 
 TOL = {"float32": 1e-3, "bfloat16": 5e-2}
+CPU_TOL = 1e-2
 PROMPT, CHUNK = 40, 16
 
 
@@ -79,13 +84,19 @@ def check(dtype: str, n: int, executor: bool) -> dict:
     agree = next((i for i, (a, b) in enumerate(zip(ahead[0], reference[0])) if a != b), n)
     scale = np.abs(reference[1][:agree + 1]).max()
     worst = float(np.abs(ahead[1][:agree + 1] - reference[1][:agree + 1]).max() / scale)
+    cpu = None
+    if dtype == "float32":
+        with mx.stream(mx.cpu):
+            first = generate(model, ids, 1)[1][0]
+        cpu = float(np.abs(ahead[1][0] - first).max() / np.abs(first).max())
     return {
         "dtype": dtype, "tokens": n, "sliding_window": model.config.text_config.sliding_window,
         "in_place_reads_work": generation.in_place_reads_work(),
         "ahead_equals_serial": None if executor else same_paths,
         "kernels_vs_reference_max_rel": worst, "tolerance": TOL[dtype],
         "tokens_agree_until": agree, "first_tokens": ahead[0][:12],
-        "ok": same_paths and worst <= TOL[dtype],
+        "device_vs_cpu_first_token_max_rel": cpu, "cpu_tolerance": CPU_TOL,
+        "ok": same_paths and worst <= TOL[dtype] and (cpu is None or cpu <= CPU_TOL),
     }
 
 

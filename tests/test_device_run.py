@@ -36,4 +36,5 @@ def test_device_check_runs_the_kernels_and_passes():
     assert out.returncode == 0 and report["ok"] and not report["kernel_warnings"]
     float32 = next(c for c in report["checks"] if c["dtype"] == "float32")
     assert 0 < float32["kernels_vs_reference_max_rel"] <= 1e-5
+    assert float32["device_vs_cpu_first_token_max_rel"] <= 1e-5
     assert float32["tokens_agree_until"] == 24
