@@ -199,8 +199,7 @@ class Session:
                "--prefill-step", str(self.args.prefill_step), "--warmup", "--out", str(result)]
         entry = self.child(name, cmd, env=self.env(impl))
         if result.is_file():
-            run = json.loads(result.read_text())
-            entry.update({k: v for k, v in run.items() if k != "traceback"}, traceback=run.get("traceback"))
+            entry.update(json.loads(result.read_text()))
         entry.update(shape=shape, impl=impl, prompt=prompt, gen=GEN)
         self.record(entry)
 
