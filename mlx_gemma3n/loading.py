@@ -13,6 +13,7 @@ from .config import ModelConfig
 from .file_tensors import read_header
 from .layouts import known_layout, quantization_lookup, unsupported_files
 from .model import TOWERS, Gemma3n
+from .quantized import use_blocks
 from .text.concat import fuse_projections
 from .text.ple import NAME as PLE_NAME
 from .text.ple import PARTS as PLE_PARTS
@@ -119,6 +120,7 @@ def _load_module(module: nn.Module, weights: Dict[str, mx.array], quantization, 
         return params
 
     nn.quantize(module, class_predicate=predicate)
+    use_blocks(module)
     check_weights(module, weights)
     module.load_weights(list(weights.items()), strict=True)
     module.eval()

@@ -12,6 +12,7 @@ from convert import convert
 from convert import converter as convert_module
 from convert.cli import main as convert_main
 from mlx_gemma3n.loading import load_model
+from mlx_gemma3n.quantized import QuantizedLinear
 from mlx_gemma3n.text.transposed import QuantizedTransposedLinear
 
 IDS = np.random.default_rng(0).integers(7, 250, size=(1, 40))
@@ -94,6 +95,9 @@ def test_quantized_model_equals_its_dequantized_weights(tiny_hf, tmp_path):
     assert n_quantized > 20
     lm = quant.language_model
     assert isinstance(lm.altup_projections[0], nn.QuantizedLinear)
+    # loading gives every quantized linear the CPU's blocked matmul (mlx_gemma3n/quantized.py)
+    assert not any(type(m) is nn.QuantizedLinear for m in quant.modules())
+    assert isinstance(lm.altup_projections[0], QuantizedLinear)
     assert isinstance(lm.layers[0].altup.modality_router, nn.Linear)
     assert not isinstance(lm.layers[0].altup.modality_router, nn.QuantizedLinear)
     sparsity = quant.config.text_config.activation_sparsity_pattern

@@ -15,11 +15,13 @@ from typing import List, Optional, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..quantized import QuantizedLinear
+
 
 def _kind(layer: nn.Module) -> Optional[tuple]:
     """What must agree for layers to join: their class and quantization, the input width and
     the dtype of every parameter; None for a layer that cannot join (a bias, another class)."""
-    if type(layer) not in (nn.Linear, nn.QuantizedLinear) or "bias" in layer:
+    if type(layer) not in (nn.Linear, nn.QuantizedLinear, QuantizedLinear) or "bias" in layer:
         return None
     params = layer.parameters()
     quantization = tuple(getattr(layer, k, None) for k in ("group_size", "bits", "mode"))

@@ -7,6 +7,8 @@ sparse FFN kernel reads for the few units that survive the gaussian top-k."""
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..quantized import quantized_matmul
+
 
 class TransposedLinear(nn.Module):
     """y = x @ weight, weight [input_dims, output_dims]."""
@@ -47,5 +49,5 @@ class QuantizedTransposedLinear(nn.Module):
         self.freeze()
 
     def __call__(self, x: mx.array) -> mx.array:
-        return mx.quantized_matmul(x, self["weight"], self["scales"], self["biases"],
-                                   transpose=False, group_size=self.group_size, bits=self.bits)
+        return quantized_matmul(x, self["weight"], self["scales"], self["biases"], False,
+                                self.group_size, self.bits)

@@ -1,0 +1,81 @@
+"""Quantized matmuls of many rows on the CPU backend: dequantize a block of weights, then BLAS.
+
+MLX-CPU's quantized matmul is a scalar loop. At a 256-token prefill chunk (a 8192 x 2048 4-bit
+weight, MLX 0.32.4, OpenBLAS) it takes 4.2 s in float32 and 33 s in bfloat16, where
+dequantizing the weight and multiplying in float32 takes 0.15-0.25 s (`bench/cpu_matmul.py`).
+Dequantizing costs about what the quantized matmul of ~8 rows does, so fewer rows (a decode
+step) keep the quantized matmul, and so does every accelerator, whose quantized matmul is fast.
+
+The weight is dequantized a block of output features at a time: MLX runs a graph's ops with a
+bounded number in flight, so the dequantized blocks alive at once stay a few tens of MB
+instead of a whole float32 copy of the matrix (134 MB for E4B's down_proj).
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_map
+
+BLOCK = 2**17  # weight values dequantized per block
+
+
+def _min_rows(dtype: mx.Dtype) -> int:
+    """Rows from which dequantizing (~75 ms per 16M 4-bit values in blocks) and BLAS beat
+    MLX-CPU's quantized matmul (~16 ms per float32 row of that weight, ~130 ms per bfloat16
+    one). A single row (a decode step) keeps the quantized matmul whatever the dtype: its
+    graph is one op where the blocks are hundreds, and the compiled decode step replays them."""
+    return 6 if dtype == mx.float32 else 2
+
+
+def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases, transpose: bool,
+                     group_size: int, bits: int, mode: str = "affine") -> mx.array:
+    """`mx.quantized_matmul`; on the CPU, for inputs of a few rows or more, through blocks of
+    dequantized weights and a float32 matmul (also more accurate: MLX-CPU's bfloat16 quantized
+    matmul is off by ~10% of the output's largest value where this rounds only the result)."""
+    if x.size < _min_rows(x.dtype) * x.shape[-1] or mx.default_device() != mx.cpu:
+        return mx.quantized_matmul(x, w, scales, biases, transpose, group_size, bits, mode=mode)
+    xf = x.astype(mx.float32)
+    if mx.issubdtype(scales.dtype, mx.floating):  # affine: float32 scales dequantize fastest
+        scales = scales.astype(mx.float32)
+        biases = None if biases is None else biases.astype(mx.float32)
+
+    def block(w_part, group_part):
+        part = mx.dequantize(w[w_part], scales[group_part],
+                             None if biases is None else biases[group_part],
+                             group_size, bits, mode=mode, dtype=mx.float32)
+        return (xf @ (part.T if transpose else part)).astype(x.dtype)
+
+    width = x.shape[-1]
+    if transpose:  # w [out, in]: blocks of output rows
+        step = max(1, BLOCK // width)
+        parts = [(slice(i, i + step),) * 2 for i in range(0, w.shape[0], step)]
+    else:  # w [in, out], grouped along out: blocks of whole groups of output columns
+        step = max(1, BLOCK // (width * group_size))
+        words = group_size * bits // 32  # a group's values fill whole words for group sizes >= 32
+        parts = [((slice(None), slice(g * words, (g + step) * words)), (slice(None), slice(g, g + step)))
+                 for g in range(0, scales.shape[1], step)]
+    return mx.concatenate([block(*p) for p in parts], axis=-1)
+
+
+class QuantizedLinear(nn.QuantizedLinear):
+    """nn.QuantizedLinear through `quantized_matmul` (dequantized blocks for many rows on the
+    CPU)."""
+
+    @classmethod
+    def of(cls, layer: nn.QuantizedLinear) -> "QuantizedLinear":
+        """The same layer (the same arrays) with this class's matmul."""
+        new = cls.__new__(cls)
+        new.__dict__.update(layer.__dict__)
+        dict.update(new, layer)
+        return new
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = quantized_matmul(x, self["weight"], self["scales"], self.get("biases"), True,
+                             self.group_size, self.bits, self.mode)
+        return y + self["bias"] if "bias" in self else y
+
+
+def use_blocks(module: nn.Module) -> None:
+    """Give every nn.QuantizedLinear in `module` this module's matmul (same arrays)."""
+    swapped = tree_map(lambda m: QuantizedLinear.of(m) if type(m) is nn.QuantizedLinear else m,
+                       module.leaf_modules(), is_leaf=nn.Module.is_module)
+    module.update_modules(swapped)
