@@ -1,10 +1,11 @@
 """Quantized matmuls of many rows on the CPU backend: dequantize a block of weights, then BLAS.
 
-MLX-CPU's quantized matmul is a scalar loop. At a 256-token prefill chunk (a 8192 x 2048 4-bit
-weight, MLX 0.32.4, OpenBLAS) it takes 4.2 s in float32 and 33 s in bfloat16, where
-dequantizing the weight and multiplying in float32 takes 0.15-0.25 s (`bench/cpu_matmul.py`).
-Dequantizing costs about what the quantized matmul of ~8 rows does, so fewer rows (a decode
-step) keep the quantized matmul, and so does every accelerator, whose quantized matmul is fast.
+MLX-CPU's quantized matmul is a scalar loop. At a 256-token prefill chunk (an 8192 x 2048
+4-bit weight, MLX 0.32.4, 2-core x86) it takes 4.2 s in float32 and 33 s in bfloat16, where
+dequantizing the weight in blocks and multiplying in float32 takes 0.15-0.25 s with a BLAS
+(OpenBLAS here, Accelerate on macOS), ~4 s with MLX's own matmul on Linux
+(`bench/peak_probe.py --dtype float32 --ops qmm,package`). Fewer rows than `_min_rows`, and
+every accelerator, whose quantized matmul is fast, keep MLX's quantized matmul.
 
 The weight is dequantized a block of output features at a time: MLX runs a graph's ops with a
 bounded number in flight, so the dequantized blocks alive at once stay a few tens of MB
@@ -19,11 +20,13 @@ BLOCK = 2**17  # weight values dequantized per block
 
 
 def _min_rows(dtype: mx.Dtype) -> int:
-    """Rows from which dequantizing (~75 ms per 16M 4-bit values in blocks) and BLAS beat
-    MLX-CPU's quantized matmul (~16 ms per float32 row of that weight, ~130 ms per bfloat16
-    one). A single row (a decode step) keeps the quantized matmul whatever the dtype: its
-    graph is one op where the blocks are hundreds, and the compiled decode step replays them."""
-    return 6 if dtype == mx.float32 else 2
+    """Rows from which dequantizing (~75 ms per 16M 4-bit values, in blocks) and a float32
+    matmul beat MLX-CPU's quantized matmul (~16 ms per float32 row of that weight, ~130 ms per
+    bfloat16 one). Float32 waits for 16 rows because without a fast BLAS (MLX's own matmul
+    on Linux) the blocks only break even, at ~16 rows. A single row (a decode step) keeps the
+    quantized matmul in any dtype: one op in the graph instead of hundreds of blocks, which
+    the compiled decode step would replay every token."""
+    return 16 if dtype == mx.float32 else 2
 
 
 def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases, transpose: bool,

@@ -60,9 +60,9 @@ def _spy_on_quantized_matmul(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("dtype,rows", [(mx.float32, 6), (mx.bfloat16, 2)])
+@pytest.mark.parametrize("dtype,rows", [(mx.float32, 16), (mx.bfloat16, 2)])
 def test_which_path(dtype, rows, monkeypatch):
-    """From a few rows on (6 in float32, 2 in half precision) the CPU takes the blocks; one
+    """From a few rows on (16 in float32, 2 in half precision) the CPU takes the blocks; one
     row (a decode step), or any row count on an accelerator, keeps MLX's quantized matmul."""
     calls = _spy_on_quantized_matmul(monkeypatch)
     w, scales, biases = _quantized(128, 256, True, 4, 64, "affine", dtype)
@@ -105,10 +105,10 @@ def test_loaded_layers_use_blocks(monkeypatch):
     assert [type(layer) for layer in model.layers] == [QuantizedLinear] * 2
     for layer, params in zip(model.layers, before):
         assert layer.bits == 4 and all(layer[k] is v for k, v in params.items())
-    x = mx.random.normal((8, 256))
+    x = mx.random.normal((16, 256))
     calls = _spy_on_quantized_matmul(monkeypatch)
     y = model(x)
-    assert calls == []  # 8 float32 rows: the blocks
+    assert calls == []  # 16 float32 rows: the blocks
     first = model.layers[0]
     reference = mx.quantized_matmul(x, first["weight"], first["scales"], first["biases"], True, 64, 4)
     expected = nn.QuantizedLinear.__call__(model.layers[1], reference)
