@@ -11,7 +11,10 @@ on MLX-CPU.
     nice python bench/prefill_profile.py --shape E2B --context 448 --prompt 64 --chunk 64
 
 --untimed: the real prefill's wall time alone (its chunks overlapped as generation.prefill
-queues them).
+queues them), with the MLX peak over the loaded model and the process's peak RSS. --matmul mlx: MLX's quantized matmul for every row count instead of the CPU's
+dequantized blocks (mlx_gemma3n/quantized.py), the comparison for them:
+
+    nice python bench/prefill_profile.py --shape E2B --context 0 --prompt 257 --chunk 256 --untimed [--matmul mlx]
 """
 
 import argparse
@@ -24,7 +27,9 @@ import mlx.core as mx
 import numpy as np
 from host_time import CACHE, _load
 from synthetic_context import fill_cache
+from worker import MiB, ru_maxrss_mib
 
+import mlx_gemma3n.quantized as quantized
 from mlx_gemma3n.generation import prefill
 from mlx_gemma3n.text.decoder import PendingStreams
 
@@ -76,8 +81,12 @@ def main(argv=None) -> None:
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--as-stored", dest="float32", action="store_false", help="stored dtype instead of float32")
     p.add_argument("--untimed", action="store_true",
-                   help="the prefill's wall time alone, its parts not evaluated one by one")
+                   help="the prefill's wall time and memory alone, its parts not evaluated one by one")
+    p.add_argument("--matmul", choices=("blocks", "mlx"), default="blocks",
+                   help="mlx: MLX's quantized matmul for any row count (the CPU's blocks are the default)")
     args = p.parse_args(argv)
+    if args.matmul == "mlx":
+        quantized._min_rows = lambda dtype: float("inf")
 
     model_dir = args.cache_dir / f"{args.shape}-ours-4bit"
     model = _load("ours", model_dir, args.float32)
@@ -97,6 +106,8 @@ def main(argv=None) -> None:
     ids = mx.array(np.random.default_rng(0).integers(3, text["vocab_size_per_layer_input"], (1, args.prompt)))
     embeds = model.embed_inputs(ids)
     mx.eval(embeds)
+    loaded = mx.get_active_memory()
+    mx.reset_peak_memory()
     t = time.perf_counter()
     mx.eval(prefill(model, ids, embeds, cache, args.chunk))
     total = time.perf_counter() - t
@@ -106,6 +117,8 @@ def main(argv=None) -> None:
           f"{total:.1f} s" + ("" if args.untimed else
                               "; 'layer NN' is a layer's part after its FFN (AltUp correction, PLE gate)"))
     if args.untimed:
+        print(f"  matmul {args.matmul}: MLX peak over the loaded model "
+              f"{(mx.get_peak_memory() - loaded) / 1e9:.3f} GB, process peak RSS {ru_maxrss_mib() * MiB / 1e9:.3f} GB")
         return
     for key in sorted(log):
         print(f"  {key:<15} {log[key]:8.2f} s  {100 * log[key] / total:5.1f}%")

@@ -37,6 +37,7 @@ def _unpacker(bits: int, group_size: int):
     call holds ~34 kB of host memory while its graph is pending (MLX 0.32.4; an E2B prefill
     chunk has ~2,300 blocks); this holds ~1.5 kB and runs ~25% faster."""
     shifts = mx.arange(0, 32, bits, dtype=mx.uint32)
+    mx.eval(shifts)  # a lazy array would belong to the stream of the thread that first got here
     mask = (1 << bits) - 1
 
     @mx.compile

@@ -1,6 +1,8 @@
 """quantized.py: the CPU's blocked dequantize + matmul against a float64 oracle, when it is
 taken, what it keeps alive, and that loaded models use it."""
 
+import threading
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -121,3 +123,17 @@ def test_loaded_layers_use_blocks(monkeypatch):
     assert mx.allclose(y, expected, rtol=1e-5, atol=1e-5)
     joined = ConcatLinear.join(model.layers[0], model.layers[0])
     assert joined is not None and type(joined.linear) is QuantizedLinear
+
+
+def test_blocks_built_in_one_thread_run_in_another():
+    """The unpacking function is cached across threads (mlx_thread.py builds graphs on its
+    own stream): what it keeps must not be a lazy array of the thread that made it."""
+    quantized._unpacker.cache_clear()
+    w, scales, biases = _quantized(64, 128, True, 4, 64, "affine", mx.float32)
+    x = mx.ones((16, 128))
+    mx.eval(w, scales, biases, x)
+    worker = threading.Thread(target=quantized_matmul, args=(x, w, scales, biases, True, 64, 4))
+    worker.start()
+    worker.join()
+    y = quantized_matmul(x, w, scales, biases, True, 64, 4)
+    assert mx.allclose(y, mx.quantized_matmul(x, w, scales, biases, True, 64, 4), rtol=1e-5, atol=1e-5)
