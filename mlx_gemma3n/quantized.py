@@ -60,7 +60,7 @@ def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases, transpo
                      group_size: int, bits: int, mode: str = "affine") -> mx.array:
     """`mx.quantized_matmul`; on the CPU, for inputs of a few rows or more, through blocks of
     dequantized weights and a float32 matmul (also more accurate: MLX-CPU's bfloat16 quantized
-    matmul is off by ~10% of the output's largest value where this rounds only the result)."""
+    matmul is off by ~12% of the output's largest value where this rounds only the result)."""
     if x.size < _min_rows(x.dtype) * x.shape[-1] or mx.default_device() != mx.cpu:
         return mx.quantized_matmul(x, w, scales, biases, transpose, group_size, bits, mode=mode)
     xf = x.astype(mx.float32)
