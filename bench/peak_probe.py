@@ -120,6 +120,7 @@ def main() -> None:
     args = p.parse_args()
     rows = [int(r) for r in args.rows.split(",")]
     wanted = tuple(o for o in args.ops.split(",") if o)
+
     def keep(op):
         return not wanted or op.startswith(wanted)
 

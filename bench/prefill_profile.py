@@ -11,8 +11,9 @@ on MLX-CPU.
     nice python bench/prefill_profile.py --shape E2B --context 448 --prompt 64 --chunk 64
 
 --untimed: the real prefill's wall time alone (its chunks overlapped as generation.prefill
-queues them), with the MLX peak over the loaded model and the process's peak RSS. --matmul mlx: MLX's quantized matmul for every row count instead of the CPU's
-dequantized blocks (mlx_gemma3n/quantized.py), the comparison for them:
+queues them), with the MLX peak over the loaded model and the process's peak RSS.
+--matmul mlx: MLX's quantized matmul for every row count instead of the CPU's dequantized
+blocks (mlx_gemma3n/quantized.py), the comparison for them:
 
     nice python bench/prefill_profile.py --shape E2B --context 0 --prompt 257 --chunk 256 --untimed [--matmul mlx]
 """
@@ -21,6 +22,7 @@ import argparse
 import json
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 from pathlib import Path
 
 import mlx.core as mx
@@ -29,8 +31,8 @@ from host_time import CACHE, _load
 from synthetic_context import fill_cache
 from worker import MiB, ru_maxrss_mib
 
-import mlx_gemma3n.quantized as quantized
 from mlx_gemma3n.generation import prefill
+from mlx_gemma3n.quantized import mlx_matmul
 from mlx_gemma3n.text.decoder import PendingStreams
 
 
@@ -85,8 +87,6 @@ def main(argv=None) -> None:
     p.add_argument("--matmul", choices=("blocks", "mlx"), default="blocks",
                    help="mlx: MLX's quantized matmul for any row count (the CPU's blocks are the default)")
     args = p.parse_args(argv)
-    if args.matmul == "mlx":
-        quantized._min_rows = lambda dtype: float("inf")
 
     model_dir = args.cache_dir / f"{args.shape}-ours-4bit"
     model = _load("ours", model_dir, args.float32)
@@ -109,7 +109,8 @@ def main(argv=None) -> None:
     loaded = mx.get_active_memory()
     mx.reset_peak_memory()
     t = time.perf_counter()
-    mx.eval(prefill(model, ids, embeds, cache, args.chunk))
+    with mlx_matmul() if args.matmul == "mlx" else nullcontext():
+        mx.eval(prefill(model, ids, embeds, cache, args.chunk))
     total = time.perf_counter() - t
     chunks = sum(v for k, v in log.items() if k.startswith("chunk"))
     print(f"{args.shape} prefill of {args.prompt} tokens after {args.context} (chunks of {args.chunk}), "

@@ -12,6 +12,7 @@ previous one's product, so that one or two float32 blocks (2 MB) are alive at on
 a float32 copy of the matrix (134 MB for E4B's down_proj).
 """
 
+from contextlib import contextmanager
 from functools import lru_cache
 
 import mlx.core as mx
@@ -19,6 +20,19 @@ import mlx.nn as nn
 from mlx.utils import tree_map
 
 BLOCK = 2**19  # weight values dequantized per block
+_blocks_off = False
+
+
+@contextmanager
+def mlx_matmul():
+    """Inside, MLX's quantized matmul for every row count, as on an accelerator (the CPU's
+    blocks off: to compare them, or to count what an accelerator would run)."""
+    global _blocks_off
+    before, _blocks_off = _blocks_off, True
+    try:
+        yield
+    finally:
+        _blocks_off = before
 
 
 def _min_rows(dtype: mx.Dtype) -> int:
@@ -61,7 +75,7 @@ def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases, transpo
     """`mx.quantized_matmul`; on the CPU, for inputs of a few rows or more, through blocks of
     dequantized weights and a float32 matmul (also more accurate: MLX-CPU's bfloat16 quantized
     matmul is off by ~12% of the output's largest value where this rounds only the result)."""
-    if x.size < _min_rows(x.dtype) * x.shape[-1] or mx.default_device() != mx.cpu:
+    if _blocks_off or x.size < _min_rows(x.dtype) * x.shape[-1] or mx.default_device() != mx.cpu:
         return mx.quantized_matmul(x, w, scales, biases, transpose, group_size, bits, mode=mode)
     xf = x.astype(mx.float32)
 

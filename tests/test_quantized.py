@@ -65,7 +65,8 @@ def _spy_on_quantized_matmul(monkeypatch):
 @pytest.mark.parametrize("dtype,rows", [(mx.float32, 16), (mx.bfloat16, 2)])
 def test_which_path(dtype, rows, monkeypatch):
     """From a few rows on (16 in float32, 2 in half precision) the CPU takes the blocks; one
-    row (a decode step), or any row count on an accelerator, keeps MLX's quantized matmul."""
+    row (a decode step), any row count on an accelerator or inside `mlx_matmul()` keeps
+    MLX's quantized matmul."""
     calls = _spy_on_quantized_matmul(monkeypatch)
     w, scales, biases = _quantized(128, 256, True, 4, 64, "affine", dtype)
 
@@ -75,6 +76,11 @@ def test_which_path(dtype, rows, monkeypatch):
     for n in (1, rows - 1, rows):
         run(n)
     assert calls == [(1, 256), (rows - 1, 256)]
+    calls.clear()
+    with quantized.mlx_matmul():
+        run(rows)
+    run(rows)
+    assert calls == [(rows, 256)]
     calls.clear()
     monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
     run(rows)
