@@ -1,14 +1,16 @@
 """Issue #11's accelerator numbers in one lent-GPU session (15 minutes of device time, start-up
 included), prepared here so that nothing is worked out on the device.
 
-First, while the checkpoints build, `tests/device_check.py`: the fused kernels and the decode
-steps built ahead against the reference path on the device (tiny demo model). Then what it
-measures, in this order (most wanted first; whatever the time allows): decode and
+First, while the checkpoints build and are converted (every conversion before the first timed
+run, a shape's three converters in parallel), `tests/device_check.py`: the fused kernels and
+the decode steps built ahead against the reference path on the device (tiny demo model). Then
+what it measures, in this order (most wanted first; whatever the time allows): decode and
 prefill tok/s and MLX peak memory at 512 + 128 and 1920 + 128 tokens for E2B and E4B (4-bit),
-ours, mlx-vlm and ours before issue #11 (commit 5557004, with its own converter), each run a
-fresh `bench/worker.py --warmup` process (so kernels are compiled before the timed run); then
-each prefill op's time and extra memory (`bench/peak_probe.py`), the host time per decode step
-(`bench/host_time.py`) and one prefill chunk layer by layer (`bench/prefill_profile.py`).
+ours and mlx-vlm, then ours before issue #11 (commit 5557004, with its own converter) at E2B
+512 and E4B 1920, each run a fresh `bench/worker.py --warmup` process (so kernels are compiled
+before the timed run); then the host time per decode step (`bench/host_time.py`), each prefill
+op's time and extra memory (`bench/peak_probe.py`), one prefill chunk layer by layer
+(`bench/prefill_profile.py`) and the other two "before" runs.
 
 Here, where the package registries are reachable (runs ../shared/device/prepare.sh and
 exports the "before" tree):
@@ -37,6 +39,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -124,13 +127,14 @@ class Session:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.deadline = time.monotonic() + args.budget
         self.failed = set()
+        self.lock = threading.Lock()
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
     def record(self, entry: dict) -> None:
         entry["at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        with open(self.out / "results.jsonl", "a") as f:
+        with self.lock, open(self.out / "results.jsonl", "a") as f:
             f.write(json.dumps(entry) + "\n")
 
     def child(self, name: str, cmd: list, env=None, cwd=REPO, cap: float = 600) -> dict:
@@ -217,6 +221,18 @@ class Session:
             shutil.rmtree(self.ckpt / f"{shape}-hf", ignore_errors=True)
 
 
+def convert_all(s: Session, shapes: list) -> None:
+    """Every conversion before the first timed run, so that none overlaps one: shape by shape
+    as its HF checkpoint appears, the three converters of a shape in parallel."""
+    for shape in shapes:
+        threads = [threading.Thread(target=s.convert, args=(shape, impl)) for impl in IMPLS]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        s.drop_hf(shape)
+
+
 def measure(args) -> None:
     s = Session(args)
     try:
@@ -227,28 +243,26 @@ def measure(args) -> None:
     head = DEVICE / "part2" / "main_head"
     s.record({"step": "device", "gpu": info, "python": sys.version.split()[0], "budget_s": args.budget,
               "shapes": args.shapes, "tree": head.read_text().strip() if head.is_file() else None})
+    converting = threading.Thread(target=convert_all, args=(s, args.shapes))
+    converting.start()
     s.tool("device_check", [str(REPO / "tests" / "device_check.py")])  # while the checkpoints build
+    converting.join()
     # a dry run's one shape takes the two prompt lengths
     points = [(p, shape) for p, shape in POINTS if shape in args.shapes] or [(p, args.shapes[0]) for p in (512, 1920)]
     main_shape, last_shape = args.shapes[0], args.shapes[-1]
-    for prompt, shape in points[:2]:
-        for impl in IMPLS[:2]:
-            s.convert(shape, impl)
+    for prompt, shape in points:
         for impl in IMPLS[:2]:
             s.generate(shape, prompt, impl)
     for prompt, shape in points[:2]:
-        s.convert(shape, "before")
-        s.drop_hf(shape)
         s.generate(shape, prompt, "before")
-    s.tool(f"probe-{last_shape}", [str(HERE / "peak_probe.py"), "--shape", last_shape])
-    for prompt, shape in points[2:]:
-        for impl in IMPLS:
-            s.generate(shape, prompt, impl)
     s.tool(f"host_time-{main_shape}", [str(HERE / "host_time.py"), "--shape", main_shape, "--as-stored",
                                        "--cache-dir", str(s.ckpt), "--results", str(s.logs / "host_time.json")])
+    s.tool(f"probe-{last_shape}", [str(HERE / "peak_probe.py"), "--shape", last_shape])
     s.tool(f"prefill_profile-{last_shape}", [str(HERE / "prefill_profile.py"), "--shape", last_shape, "--as-stored",
                                         "--cache-dir", str(s.ckpt), "--context", str(args.profile_context),
                                         "--prompt", str(args.prefill_step), "--chunk", str(args.prefill_step)])
+    for prompt, shape in points[2:]:
+        s.generate(shape, prompt, "before")
     (s.out / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     _log("done")
 
