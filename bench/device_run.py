@@ -1,16 +1,15 @@
 """Issue #11's accelerator numbers in one lent-GPU session (15 minutes of device time, start-up
 included), prepared here so that nothing is worked out on the device.
 
-First, while the checkpoints build and are converted (every conversion before the first timed
-run, a shape's three converters in parallel), `tests/device_check.py`: the fused kernels and
-the decode steps built ahead against the reference path on the device (tiny demo model). Then
-what it measures, in this order (most wanted first; whatever the time allows): decode and
+First, while the checkpoints build and are converted (a shape's three converters in
+parallel, every conversion before the first timed run), `tests/device_check.py`: the fused
+kernels and the decode steps built ahead against the reference path on the device (tiny demo
+model). Then, in this order (most wanted first; whatever the time allows): decode and
 prefill tok/s and MLX peak memory at 512 + 128 and 1920 + 128 tokens for E2B and E4B (4-bit),
-ours and mlx-vlm, then ours before issue #11 (commit 5557004, with its own converter) at E2B
-512 and E4B 1920, each run a fresh `bench/worker.py --warmup` process (so kernels are compiled
-before the timed run); then the host time per decode step (`bench/host_time.py`), each prefill
-op's time and extra memory (`bench/peak_probe.py`), one prefill chunk layer by layer
-(`bench/prefill_profile.py`) and the other two "before" runs.
+ours and mlx-vlm, each run a fresh `bench/worker.py --warmup` process (so kernels are
+compiled before the timed run); each prefill op's time and extra memory
+(`bench/peak_probe.py`); the host time per decode step (`bench/host_time.py`); and ours
+before issue #11 (commit 5557004, with its own converter) at the same four points.
 
 Here, where the package registries are reachable (runs ../shared/device/prepare.sh and
 exports the "before" tree):
@@ -158,7 +157,7 @@ class Session:
         return entry
 
     def env(self, impl: str) -> dict:
-        tree = DEVICE / "before" if impl == "before" else REPO
+        tree = self.root / "before" if impl == "before" else REPO
         return dict(os.environ, PYTHONPATH=str(tree), BENCH_CACHE=str(self.ckpt))
 
     def wait_for(self, shape: str) -> bool:
@@ -185,7 +184,7 @@ class Session:
         if impl == "mlx-vlm":
             cmd, cwd = [sys.executable, str(HERE / "vlm_convert.py")], REPO
         else:  # `-m convert` resolves against the working directory first: run in the tree converted with
-            cmd, cwd = [sys.executable, "-m", "convert"], DEVICE / "before" if impl == "before" else REPO
+            cmd, cwd = [sys.executable, "-m", "convert"], self.root / "before" if impl == "before" else REPO
         entry = self.child(f"convert-{shape}-{impl}", cmd + ["--hf-path", str(hf), "--mlx-path", str(out), "-q"],
                            env=self.env(impl), cwd=cwd)
         if entry["returncode"] != 0:
@@ -240,7 +239,7 @@ def measure(args) -> None:
                               capture_output=True, text=True, timeout=30).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         info = None
-    head = DEVICE / "part2" / "main_head"
+    head = args.root / "main_head"
     s.record({"step": "device", "gpu": info, "python": sys.version.split()[0], "budget_s": args.budget,
               "shapes": args.shapes, "tree": head.read_text().strip() if head.is_file() else None})
     converting = threading.Thread(target=convert_all, args=(s, args.shapes))
@@ -253,24 +252,24 @@ def measure(args) -> None:
     for prompt, shape in points:
         for impl in IMPLS[:2]:
             s.generate(shape, prompt, impl)
-    for prompt, shape in points[:2]:
-        s.generate(shape, prompt, "before")
+    s.tool(f"probe-{last_shape}", [str(HERE / "peak_probe.py"), "--shape", last_shape])
     s.tool(f"host_time-{main_shape}", [str(HERE / "host_time.py"), "--shape", main_shape, "--as-stored",
                                        "--cache-dir", str(s.ckpt), "--results", str(s.logs / "host_time.json")])
-    s.tool(f"probe-{last_shape}", [str(HERE / "peak_probe.py"), "--shape", last_shape])
-    s.tool(f"prefill_profile-{last_shape}", [str(HERE / "prefill_profile.py"), "--shape", last_shape, "--as-stored",
-                                        "--cache-dir", str(s.ckpt), "--context", str(args.profile_context),
-                                        "--prompt", str(args.prefill_step), "--chunk", str(args.prefill_step)])
-    for prompt, shape in points[2:]:
+    for prompt, shape in points:
         s.generate(shape, prompt, "before")
     (s.out / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     _log("done")
 
 
 def start_measure(args) -> None:
+    """Copies the "before" tree and main's commit out of the working tree first: a later call
+    of the device tool that does not carry them removes them from it, mid-run."""
     (args.root / "results").mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(args.root / "before", ignore_errors=True)
+    shutil.copytree(DEVICE / "before", args.root / "before")
+    shutil.copy2(DEVICE / "part2" / "main_head", args.root / "main_head")
     _spawn(["measure", "--root", str(args.root), "--shapes", *args.shapes, "--budget", str(args.budget),
-            "--prefill-step", str(args.prefill_step), "--profile-context", str(args.profile_context)],
+            "--prefill-step", str(args.prefill_step)],
            args.root / "results" / "measure.log")
     _log(f"measuring (log: {args.root / 'results' / 'measure.log'})")
 
@@ -332,8 +331,7 @@ def dry_run(args) -> None:
     me = [sys.executable, __file__]
     common = ["--root", str(root), "--shapes", "tiny"]
     subprocess.run(me + ["start-build", *common], check=True)
-    subprocess.run(me + ["start-measure", *common, "--budget", str(args.budget), "--profile-context", "64"],
-                   check=True)
+    subprocess.run(me + ["start-measure", *common, "--budget", str(args.budget)], check=True)
     subprocess.run(me + ["collect", "--root", str(root), "--wait", str(args.budget + 60)], check=True)
 
 
@@ -350,7 +348,6 @@ def main(argv=None) -> None:
         c.add_argument("--shapes", nargs="+", default=["E2B", "E4B"])
         c.add_argument("--budget", type=float, default=700, help="seconds from the start of measure")
         c.add_argument("--prefill-step", type=int, default=256)
-        c.add_argument("--profile-context", type=int, default=1664)
         c.add_argument("--wait", type=float, default=0, help="collect: seconds to wait for the end")
         c.add_argument("--out", type=Path, help="collect: where to copy the results (default $OUT)")
     args = p.parse_args(argv)

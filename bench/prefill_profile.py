@@ -101,7 +101,8 @@ def main(argv=None) -> None:
         layer.mlp = Timed(layer.mlp, log, f"{i:02d} ffn", inputs_key=f"{i:02d} before ffn")
         lm.layers[i] = Timed(layer, log, f"layer {i:02d}")
     if not args.untimed:
-        lm.per_layer_embeddings = Timed(lm.per_layer_embeddings, log, "ple read")
+        # the file reads run on the prefill's reader thread; this is the rows' dequantization
+        lm.per_layer_embeddings_of = Timed(lm.per_layer_embeddings_of, log, "ple read")
 
     ids = mx.array(np.random.default_rng(0).integers(3, text["vocab_size_per_layer_input"], (1, args.prompt)))
     embeds = model.embed_inputs(ids)

@@ -1,6 +1,7 @@
 """The kernel framework: dispatch, the reference switch and the once-per-kernel self-check,
 with stand-in factories (the executor-backed tests are in test_kernels_*.py)."""
 
+import contextlib
 import warnings
 
 import mlx.core as mx
@@ -111,3 +112,31 @@ def test_leaving_the_factory_drops_compiled_kernels():
     with use_factory(factory):
         op(mx.array([1.0]))
     assert op(mx.array([1.0]))[0].item() == 2.0 and factory.launches == 2
+
+
+def test_self_check_reference_runs_on_the_cpu(monkeypatch):
+    """A GPU rounds float32 matmuls like TF32 by default; the check's reference must not."""
+    real_stream, inside = mx.stream, []
+
+    @contextlib.contextmanager
+    def spy(where):
+        inside.append(where)
+        with real_stream(where):
+            yield
+        inside.pop()
+
+    seen = {}
+
+    def reference(x):
+        seen["reference"] = list(inside)
+        return (x * 2,)
+
+    def launch(kernel, x):
+        seen["kernel"] = list(inside)
+        return _launch(kernel, x)
+
+    op = FusedOp("double", ["x"], ["out"], DOUBLE, launch, reference, lambda dtype: (mx.arange(8).astype(dtype),))
+    monkeypatch.setattr(mx, "stream", spy)
+    with use_factory(Factory()):
+        op(mx.array([1.0]))
+    assert seen == {"reference": [mx.cpu], "kernel": []}

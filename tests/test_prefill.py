@@ -1,12 +1,16 @@
-"""generation.prefill's pipelining: a chunk is queued (mx.async_eval) before the previous one
-is waited for, and waited for before the one two after it is queued (at most two in flight),
-with the same logits as the full forward pass (float32, TOL relative to max |ref|)."""
+"""generation.prefill's pipelining: each layer of a chunk that writes a cache (but the last) is
+queued (mx.async_eval) as it is built, then the chunk's caches, never a KV-shared layer; a
+unit is waited for once the PREFILL_DEPTH after it are queued and before any more is (so
+PREFILL_DEPTH are in flight while the host builds the next); with the
+same logits as the full forward pass (float32, TOL relative to max |ref|)."""
+
+import threading
 
 import mlx.core as mx
 import pytest
 from test_text_parity import TOL, prompt, ref_logits, rel_err
 
-from mlx_gemma3n.generation import prefill
+from mlx_gemma3n.generation import PREFILL_DEPTH, prefill
 from mlx_gemma3n.loading import load_model
 
 CHUNK, CHUNKS = 5, 5
@@ -17,7 +21,7 @@ def text_model(tiny_hf):
     return load_model(tiny_hf[0])
 
 
-def test_two_chunks_in_flight_at_most(tiny_hf, text_model, monkeypatch):
+def test_layers_in_flight_at_most_depth(tiny_hf, text_model, monkeypatch):
     queued, events = [], []
     real_async_eval, real_eval = mx.async_eval, mx.eval
 
@@ -38,9 +42,52 @@ def test_two_chunks_in_flight_at_most(tiny_hf, text_model, monkeypatch):
     logits = prefill(text_model, head, embeds, text_model.make_cache(), chunk_size=CHUNK)
     monkeypatch.undo()
 
-    assert [k for kind, k in events if kind == "queue"] == list(range(CHUNKS))
-    for k in range(CHUNKS - 1):  # the next chunk is queued while this one may still run
-        assert events.index(("queue", k + 1)) < events.index(("wait", k))
-    for k in range(2, CHUNKS):  # but not the one after it
-        assert events.index(("wait", k - 2)) < events.index(("queue", k))
+    config = text_model.language_model.config
+    per_chunk = config.first_kv_shared_layer  # its layers but the last, then the caches
+    assert 1 < per_chunk < config.num_hidden_layers  # the tiny model shares K/V
+    units = CHUNKS * per_chunk
+    assert [k for kind, k in events if kind == "queue"] == list(range(units))
+    for k in range(units - PREFILL_DEPTH):  # waited for once PREFILL_DEPTH more are queued
+        waited = events.index(("wait", k))
+        assert events.index(("queue", k + PREFILL_DEPTH)) < waited
+        if k + PREFILL_DEPTH + 1 < units:
+            assert waited < events.index(("queue", k + PREFILL_DEPTH + 1))
+    streams = (4, 1, CHUNK, config.hidden_size)  # AltUp streams [n, B, L, D], then caches' (K, V)
+    is_streams = [isinstance(unit[0], mx.array) and unit[0].shape == streams for unit in queued[:per_chunk]]
+    assert is_streams == [True] * (per_chunk - 1) + [False]
     assert rel_err(logits, ref_logits(tiny_hf[1], ids)[:, -1]) < TOL
+
+
+def test_next_chunks_rows_are_read_on_a_thread_while_this_chunk_is_built(text_model, monkeypatch):
+    """Each chunk's per-layer rows (but the first's) are read while the chunk before is being
+    queued: a read that waited for that chunk's first layer in the main thread would never
+    return (it times out and fails)."""
+    lm = text_model.language_model
+    per_chunk = lm.config.first_kv_shared_layer
+    first_layer_queued = [threading.Event() for _ in range(CHUNKS + 1)]
+    reads, units = [], []
+    real_read, real_async_eval = lm.read_per_layer_rows, mx.async_eval
+
+    def read(ids):
+        chunk = len(reads)
+        reads.append((threading.current_thread() is threading.main_thread(), ids.shape[1]))
+        if chunk > 0:
+            assert first_layer_queued[chunk - 1].wait(timeout=20), f"chunk {chunk}'s rows read too late"
+        return real_read(ids)
+
+    def async_eval(*args):
+        if len(units) % per_chunk == 0:
+            first_layer_queued[len(units) // per_chunk].set()
+        units.append(args)
+        real_async_eval(*args)
+
+    ids = prompt(CHUNK * CHUNKS + 1, seed=4)
+    head = mx.array(ids)
+    embeds = text_model.embed_inputs(head)
+    monkeypatch.setattr(lm, "read_per_layer_rows", read)
+    monkeypatch.setattr(mx, "async_eval", async_eval)
+    got = prefill(text_model, head, embeds, text_model.make_cache(), chunk_size=CHUNK)
+    monkeypatch.undo()
+    assert reads == [(False, CHUNK)] * CHUNKS + [(False, 1)]  # on the reader thread, chunk by chunk
+    want = prefill(text_model, head, embeds, text_model.make_cache(), chunk_size=len(ids))
+    assert rel_err(got, want) < TOL

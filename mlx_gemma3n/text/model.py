@@ -1,17 +1,18 @@
 """The Gemma 3n text decoder: embeddings, per-layer embeddings (PLE), AltUp streams, layers."""
 
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from ..kernels.altup_streams import STREAMS, altup_embed, altup_unembed
 from ..mlx_lm_parts import base as mlx_lm_base
 from ..mlx_lm_parts import cache as mlx_lm_cache
 from .config import SLIDING, TextConfig
-from .decoder import DecoderLayer
+from .decoder import DecoderLayer, PendingStreams
 from .norm import RMSNorm
-from .ple import PerLayerEmbeddingTable
+from .ple import PerLayerEmbeddingTable, ReadRows
 
 
 def _scale(value: float, dtype: mx.Dtype) -> mx.array:
@@ -53,12 +54,18 @@ class TextModel(nn.Module):
     def per_layer_embeddings(self, input_ids: mx.array) -> mx.array:
         """Token-identity part of the per-layer inputs: [B, L, layers, P]. Ids outside the
         per-layer vocabulary (image/audio tokens) read row 0."""
-        c = self.config
-        in_table = (input_ids >= 0) & (input_ids < c.vocab_size_per_layer_input)
-        ids = mx.where(in_table, input_ids, 0)
+        return self.per_layer_embeddings_of(self.read_per_layer_rows(np.array(input_ids)))
+
+    def read_per_layer_rows(self, input_ids: np.ndarray) -> ReadRows:
+        """The PLE table's rows for `input_ids`, read from the file (host work, no MLX)."""
         if self.ple_table is None:
             raise RuntimeError("the per-layer embedding table is not loaded")
-        return self.scale_per_layer_rows(self.ple_table(ids))
+        in_table = (input_ids >= 0) & (input_ids < self.config.vocab_size_per_layer_input)
+        return self.ple_table.read(np.where(in_table, input_ids, 0))
+
+    def per_layer_embeddings_of(self, rows: ReadRows) -> mx.array:
+        """`per_layer_embeddings` from rows `read_per_layer_rows` read."""
+        return self.scale_per_layer_rows(self.ple_table.gather(rows))
 
     def scale_per_layer_rows(self, rows: mx.array) -> mx.array:
         """PLE table rows [..., layers * P] -> the token-identity part [..., layers, P]."""
@@ -104,9 +111,14 @@ class TextModel(nn.Module):
         inputs_embeds: mx.array,
         per_layer_embeds: mx.array,
         cache: Optional[List[Any]] = None,
+        pace: Optional[Callable[[List[mx.array]], None]] = None,
     ) -> mx.array:
         """inputs_embeds: [B, L, D] (already multimodal-merged); per_layer_embeds: [B, L,
-        layers, P] from `per_layer_embeddings`. Returns the final normed hidden states."""
+        layers, P] from `per_layer_embeddings`. Returns the final normed hidden states.
+
+        `pace` (a prefill's `generation.InFlight`) is given each layer's output streams as
+        they are built, up to the second-last layer that writes a cache: the later layers'
+        outputs are needed at a prompt's last position only."""
         c = self.config
         if cache is None:
             cache = [None] * c.first_kv_shared_layer
@@ -131,6 +143,8 @@ class TextModel(nn.Module):
                 shared_kv=kvs.get(src),
             )
             kvs[i] = kv
+            if pace is not None and i < c.first_kv_shared_layer - 1:
+                pace(list(h[:2]) if isinstance(h, PendingStreams) else [h])
 
         # streams 1.. as slices (views; an integer index would gather)
         projected = (

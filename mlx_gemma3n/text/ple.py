@@ -7,7 +7,7 @@ checkpoint file on demand (one contiguous read per token per tensor) and dequant
 
 import copy
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
@@ -17,6 +17,14 @@ from ..layouts import checkpoint_key
 
 NAME = "language_model.embed_tokens_per_layer"
 PARTS = ("weight", "scales", "biases")
+
+
+class ReadRows(NamedTuple):
+    """Rows read from the file for some ids: each part's rows for the distinct ids, in
+    storage dtypes, and where each id's row is among them."""
+
+    parts: List[np.ndarray]
+    inverse: np.ndarray
 
 
 class PerLayerEmbeddingTable:
@@ -65,8 +73,17 @@ class PerLayerEmbeddingTable:
     def __call__(self, ids: mx.array) -> mx.array:
         """Rows for `ids` (any shape) -> [*ids.shape, dims], dequantized. A repeated id is
         read and dequantized once."""
-        unique, inverse = np.unique(np.array(ids), return_inverse=True)
-        return self.rows(unique)[mx.array(inverse.reshape(ids.shape))]
+        return self.gather(self.read(np.array(ids)))
+
+    def read(self, ids: np.ndarray) -> "ReadRows":
+        """The stored rows of `ids`' distinct values, read from the file: host work only (no
+        MLX), so a prefill reads the next chunk's on a thread while it builds this one."""
+        unique, inverse = np.unique(ids, return_inverse=True)
+        return ReadRows([t.stored_rows(unique) for t in self.parts], inverse.reshape(ids.shape))
+
+    def gather(self, read: "ReadRows") -> mx.array:
+        """`read`'s rows, dequantized, in the order of its ids: [*ids.shape, dims]."""
+        return self.from_stored([mx.array(part) for part in read.parts])[mx.array(read.inverse)]
 
     @property
     def parts(self) -> List[FileTensor]:
