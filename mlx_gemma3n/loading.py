@@ -13,7 +13,6 @@ from .config import ModelConfig
 from .file_tensors import read_header
 from .layouts import known_layout, quantization_lookup, unsupported_files
 from .model import TOWERS, Gemma3n
-from .host_memory import map_large_blocks
 from .quantized import use_blocks
 from .text.concat import fuse_projections
 from .text.ple import NAME as PLE_NAME
@@ -153,8 +152,6 @@ def load_model(
     and gate/up projections are joined into one matvec each (text/concat.py); the converter
     loads without, to keep the checkpoint's modules."""
     config = read_config(path)
-    if mx.default_device() == mx.cpu:
-        map_large_blocks()  # a CPU prefill's freed buffers leave the process (host_memory.py)
     model = Gemma3n(config)
     files = weight_files(path)
     stored = read_weights(files)
