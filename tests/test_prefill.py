@@ -1,8 +1,9 @@
 """generation.prefill's pipelining: each layer of a chunk that writes a cache (but the last) is
 queued (mx.async_eval) as it is built, then the chunk's caches, never a KV-shared layer; a
 unit is waited for once the PREFILL_DEPTH after it are queued and before any more is (so
-PREFILL_DEPTH are in flight while the host builds the next); with the
-same logits as the full forward pass (float32, TOL relative to max |ref|)."""
+PREFILL_DEPTH are in flight while the host builds the next); the next chunk's per-layer rows
+are read on a thread meanwhile; the logits are the full forward pass's (float32, TOL
+relative to max |ref|)."""
 
 import threading
 
@@ -21,6 +22,19 @@ def text_model(tiny_hf):
     return load_model(tiny_hf[0])
 
 
+def patched_prefill(text_model, monkeypatch, seed: int, patches: list):
+    """(ids, last logits) of a prompt of CHUNKS chunks and a last position, prefilled in chunks
+    of CHUNK with `patches` ((object, name, value) each) in place."""
+    ids = prompt(CHUNK * CHUNKS + 1, seed=seed)  # the last position runs on its own
+    head = mx.array(ids)
+    embeds = text_model.embed_inputs(head)
+    for target, name, value in patches:
+        monkeypatch.setattr(target, name, value)
+    logits = prefill(text_model, head, embeds, text_model.make_cache(), chunk_size=CHUNK)
+    monkeypatch.undo()
+    return ids, logits
+
+
 def test_layers_in_flight_at_most_depth(tiny_hf, text_model, monkeypatch):
     queued, events = [], []
     real_async_eval, real_eval = mx.async_eval, mx.eval
@@ -34,13 +48,8 @@ def test_layers_in_flight_at_most_depth(tiny_hf, text_model, monkeypatch):
         events.extend(("wait", k) for k, q in enumerate(queued) if args and args[0] is q)
         real_eval(*args)
 
-    ids = prompt(CHUNK * CHUNKS + 1, seed=3)  # the last position runs on its own
-    head = mx.array(ids)
-    embeds = text_model.embed_inputs(head)
-    monkeypatch.setattr(mx, "async_eval", async_eval)
-    monkeypatch.setattr(mx, "eval", evaluate)
-    logits = prefill(text_model, head, embeds, text_model.make_cache(), chunk_size=CHUNK)
-    monkeypatch.undo()
+    ids, logits = patched_prefill(text_model, monkeypatch, 3,
+                                  [(mx, "async_eval", async_eval), (mx, "eval", evaluate)])
 
     config = text_model.language_model.config
     per_chunk = config.first_kv_shared_layer  # its layers but the last, then the caches
@@ -81,13 +90,9 @@ def test_next_chunks_rows_are_read_on_a_thread_while_this_chunk_is_built(text_mo
         units.append(args)
         real_async_eval(*args)
 
-    ids = prompt(CHUNK * CHUNKS + 1, seed=4)
-    head = mx.array(ids)
-    embeds = text_model.embed_inputs(head)
-    monkeypatch.setattr(lm, "read_per_layer_rows", read)
-    monkeypatch.setattr(mx, "async_eval", async_eval)
-    got = prefill(text_model, head, embeds, text_model.make_cache(), chunk_size=CHUNK)
-    monkeypatch.undo()
+    ids, got = patched_prefill(text_model, monkeypatch, 4,
+                               [(lm, "read_per_layer_rows", read), (mx, "async_eval", async_eval)])
     assert reads == [(False, CHUNK)] * CHUNKS + [(False, 1)]  # on the reader thread, chunk by chunk
-    want = prefill(text_model, head, embeds, text_model.make_cache(), chunk_size=len(ids))
+    head = mx.array(ids)
+    want = prefill(text_model, head, text_model.embed_inputs(head), text_model.make_cache(), chunk_size=len(ids))
     assert rel_err(got, want) < TOL

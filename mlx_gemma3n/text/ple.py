@@ -75,13 +75,13 @@ class PerLayerEmbeddingTable:
         read and dequantized once."""
         return self.gather(self.read(np.array(ids)))
 
-    def read(self, ids: np.ndarray) -> "ReadRows":
+    def read(self, ids: np.ndarray) -> ReadRows:
         """The stored rows of `ids`' distinct values, read from the file: host work only (no
         MLX), so a prefill reads the next chunk's on a thread while it builds this one."""
         unique, inverse = np.unique(ids, return_inverse=True)
         return ReadRows([t.stored_rows(unique) for t in self.parts], inverse.reshape(ids.shape))
 
-    def gather(self, read: "ReadRows") -> mx.array:
+    def gather(self, read: ReadRows) -> mx.array:
         """`read`'s rows, dequantized, in the order of its ids: [*ids.shape, dims]."""
         return self.from_stored([mx.array(part) for part in read.parts])[mx.array(read.inverse)]
 
