@@ -2,6 +2,7 @@
 
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from functools import partial
 from typing import Any, Callable, Generator, List, NamedTuple, Optional, Tuple
 
@@ -49,6 +50,22 @@ class InFlight:
             mx.eval(self.queue.popleft())
 
 
+@contextmanager
+def uncached_on_cpu():
+    """On the CPU backend, MLX's buffer cache off inside (restored after): there it only
+    doubles the C allocator's own retention of freed buffers (E4B, 1920 + 8 tokens: peak RSS
+    2.79 GB instead of 2.84, prefill no slower). An accelerator keeps its cache: it saves
+    device allocations, and MLX's peak memory does not count it."""
+    if mx.default_device() != mx.cpu:
+        yield
+        return
+    limit = mx.set_cache_limit(0)
+    try:
+        yield
+    finally:
+        mx.set_cache_limit(limit)
+
+
 def prefill(
     model: Gemma3n,
     input_ids: mx.array,
@@ -77,7 +94,7 @@ def prefill(
     ids = np.array(input_ids)
     spans = [(s, min(s + chunk_size, last)) for s in range(0, last, chunk_size)] + [(last, last + 1)]
     in_flight = InFlight(PREFILL_DEPTH)
-    with ThreadPoolExecutor(1, thread_name_prefix="ple-rows") as reader:
+    with ThreadPoolExecutor(1, thread_name_prefix="ple-rows") as reader, uncached_on_cpu():
         reading = reader.submit(lm.read_per_layer_rows, ids[:, slice(*spans[0])])
         for k, (start, end) in enumerate(spans):
             rows = reading.result()

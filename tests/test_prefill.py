@@ -2,8 +2,8 @@
 queued (mx.async_eval) as it is built, then the chunk's caches, never a KV-shared layer; a
 unit is waited for once the PREFILL_DEPTH after it are queued and before any more is (so
 PREFILL_DEPTH are in flight while the host builds the next); the next chunk's per-layer rows
-are read on a thread meanwhile; the logits are the full forward pass's (float32, TOL
-relative to max |ref|)."""
+are read on a thread meanwhile; on the CPU, MLX keeps no buffer cache meanwhile; the logits
+are the full forward pass's (float32, TOL relative to max |ref|)."""
 
 import threading
 
@@ -96,3 +96,25 @@ def test_next_chunks_rows_are_read_on_a_thread_while_this_chunk_is_built(text_mo
     head = mx.array(ids)
     want = prefill(text_model, head, text_model.embed_inputs(head), text_model.make_cache(), chunk_size=len(ids))
     assert rel_err(got, want) < TOL
+
+
+def test_cpu_prefill_keeps_no_mlx_buffer_cache(text_model, monkeypatch):
+    """On the CPU backend the prefill runs with MLX's buffer cache off (freed buffers go back
+    to the C allocator at once) and restores the caller's cache limit after."""
+    assert mx.default_device() == mx.cpu
+    cached, real_async_eval = [], mx.async_eval
+
+    def async_eval(*args):
+        mx.eval(*args)  # every buffer of the units before is freed by now
+        cached.append(mx.get_cache_memory())
+        real_async_eval(*args)
+
+    limit = 1 << 30
+    before = mx.set_cache_limit(limit)
+    try:
+        patched_prefill(text_model, monkeypatch, 5, [(mx, "async_eval", async_eval)])
+        assert mx.set_cache_limit(before) == limit
+    finally:
+        mx.set_cache_limit(before)
+    assert len(cached) == CHUNKS * text_model.language_model.config.first_kv_shared_layer
+    assert max(cached) == 0
