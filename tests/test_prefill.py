@@ -113,8 +113,8 @@ def test_cpu_prefill_keeps_no_mlx_buffer_cache(text_model, monkeypatch):
     before = mx.set_cache_limit(limit)
     try:
         patched_prefill(text_model, monkeypatch, 5, [(mx, "async_eval", async_eval)])
-        assert mx.set_cache_limit(before) == limit
     finally:
-        mx.set_cache_limit(before)
+        restored = mx.set_cache_limit(before)
+    assert restored == limit
     assert len(cached) == CHUNKS * text_model.language_model.config.first_kv_shared_layer
     assert max(cached) == 0
