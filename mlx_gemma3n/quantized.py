@@ -1,15 +1,20 @@
-"""Quantized matmuls of many rows on the CPU backend: dequantize a block of weights, then BLAS.
+"""Quantized matmuls on the CPU backend: many rows through dequantized blocks and BLAS, a few
+in float32.
 
 MLX-CPU's quantized matmul is a scalar loop. At a 256-token prefill chunk (an 8192 x 2048
 4-bit weight, MLX 0.32.4, 2-core x86) it takes 4.2 s in float32 and 33 s in bfloat16, where
 dequantizing the weight in blocks and multiplying in float32 takes 0.15-0.25 s with a BLAS
 (OpenBLAS here, Accelerate on macOS), ~4 s with MLX's own matmul on Linux
-(`bench/peak_probe.py --dtype float32 --ops qmm,package`). Fewer rows than `_min_rows`, and
-every accelerator, whose quantized matmul is fast, keep MLX's quantized matmul.
+(`bench/peak_probe.py --dtype float32 --ops qmm,package`). Every accelerator, whose quantized
+matmul is fast, keeps MLX's quantized matmul.
 
 The weight is dequantized a block of output features at a time, each block after the
 previous one's product, so that one or two float32 blocks (2 MB) are alive at once instead of
 a float32 copy of the matrix (134 MB for E4B's down_proj).
+
+Fewer rows than `MIN_ROWS` (a decode step) go through MLX's quantized matmul in float32
+whatever the input's dtype: its half-precision CPU loop is ~8x slower than its float32 one (160 ms against 20 ms
+for one row of an 8192 x 2048 4-bit weight) and off by ~11% of the output's largest value.
 """
 
 from contextlib import contextmanager
@@ -35,14 +40,12 @@ def mlx_matmul():
         _blocks_off = before
 
 
-def _min_rows(dtype: mx.Dtype) -> int:
-    """Rows from which dequantizing (~75 ms per 16M 4-bit values, in blocks) and a float32
-    matmul beat MLX-CPU's quantized matmul (~16 ms per float32 row of that weight, ~130 ms per
-    bfloat16 one). Float32 waits for 16 rows because without a fast BLAS (MLX's own matmul
-    on Linux) the blocks only break even, at ~16 rows. A single row (a decode step) keeps the
-    quantized matmul in any dtype: one op in the graph instead of hundreds of blocks, which
-    the compiled decode step would replay every token."""
-    return 16 if dtype == mx.float32 else 2
+# Rows from which dequantizing (~75 ms per 16M 4-bit values, in blocks) and a float32 matmul
+# beat MLX-CPU's float32 quantized matmul (~16-20 ms per row of that weight): ~5 rows with a
+# BLAS, ~16 without one (MLX's own matmul on Linux), so 16. A single row (a decode step) keeps
+# the quantized matmul: one op in the graph instead of hundreds of blocks, which the compiled
+# decode step would replay every token.
+MIN_ROWS = 16
 
 
 @lru_cache(maxsize=None)
@@ -72,12 +75,15 @@ def _dequantize(w, scales, biases, group_size: int, bits: int, mode: str) -> mx.
 
 def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases, transpose: bool,
                      group_size: int, bits: int, mode: str = "affine") -> mx.array:
-    """`mx.quantized_matmul`; on the CPU, for inputs of a few rows or more, through blocks of
-    dequantized weights and a float32 matmul (also more accurate: MLX-CPU's bfloat16 quantized
-    matmul is off by ~12% of the output's largest value where this rounds only the result)."""
-    if _blocks_off or x.size < _min_rows(x.dtype) * x.shape[-1] or mx.default_device() != mx.cpu:
+    """`mx.quantized_matmul`; on the CPU always in float32, from `MIN_ROWS` rows on through
+    blocks of dequantized weights and a float32 matmul, the result rounded to `x`'s dtype
+    (MLX-CPU's bfloat16 quantized matmul is off by ~12% of the output's largest value)."""
+    if _blocks_off or mx.default_device() != mx.cpu:
         return mx.quantized_matmul(x, w, scales, biases, transpose, group_size, bits, mode=mode)
     xf = x.astype(mx.float32)
+    if x.size < MIN_ROWS * x.shape[-1]:
+        y = mx.quantized_matmul(xf, w, scales, biases, transpose, group_size, bits, mode=mode)
+        return y.astype(x.dtype)
 
     def block(w_part, group_part, after):
         packed = w[w_part] if after is None else mx.depends(w[w_part], after)
@@ -103,16 +109,7 @@ def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases, transpo
 
 
 class QuantizedLinear(nn.QuantizedLinear):
-    """nn.QuantizedLinear through `quantized_matmul` (dequantized blocks for many rows on the
-    CPU)."""
-
-    @classmethod
-    def of(cls, layer: nn.QuantizedLinear) -> "QuantizedLinear":
-        """The same layer (the same arrays) with this class's matmul."""
-        new = cls.__new__(cls)
-        new.__dict__.update(layer.__dict__)
-        dict.update(new, layer)
-        return new
+    """nn.QuantizedLinear through `quantized_matmul`."""
 
     def __call__(self, x: mx.array) -> mx.array:
         y = quantized_matmul(x, self["weight"], self["scales"], self.get("biases"), True,
@@ -120,8 +117,27 @@ class QuantizedLinear(nn.QuantizedLinear):
         return y + self["bias"] if "bias" in self else y
 
 
+class QuantizedEmbedding(nn.QuantizedEmbedding):
+    """nn.QuantizedEmbedding whose `as_linear` (the tied LM head) is `quantized_matmul`."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return quantized_matmul(x, self["weight"], self["scales"], self.get("biases"), True,
+                                self.group_size, self.bits, self.mode)
+
+
+_OURS = {nn.QuantizedLinear: QuantizedLinear, nn.QuantizedEmbedding: QuantizedEmbedding}
+
+
+def _same_arrays(cls: type, layer: nn.Module) -> nn.Module:
+    new = cls.__new__(cls)
+    new.__dict__.update(layer.__dict__)
+    dict.update(new, layer)
+    return new
+
+
 def use_blocks(module: nn.Module) -> None:
-    """Give every nn.QuantizedLinear in `module` this module's matmul (same arrays)."""
-    swapped = tree_map(lambda m: QuantizedLinear.of(m) if type(m) is nn.QuantizedLinear else m,
+    """Give every nn.QuantizedLinear and nn.QuantizedEmbedding in `module` this module's
+    matmul (same arrays)."""
+    swapped = tree_map(lambda m: _same_arrays(_OURS[type(m)], m) if type(m) in _OURS else m,
                        module.leaf_modules(), is_leaf=nn.Module.is_module)
     module.update_modules(swapped)

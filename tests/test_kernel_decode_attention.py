@@ -144,3 +144,17 @@ def test_sdpa_unless_selected(monkeypatch):
     for out in (default, other_case, switched_off, masked):
         assert mx.array_equal(out, sdpa)
     assert_attention_close(selected, q, keys, values)
+
+
+@pytest.mark.parametrize("queries,mask", [(1, None), (9, "causal")])
+def test_reference_computes_half_precision_in_float32_on_the_cpu(queries, mask):
+    """On the CPU backend the reference (SDPA) runs in float32 and rounds the result once:
+    MLX-CPU's bfloat16 SDPA, without a BLAS, is 3-12x slower (and gives other values)."""
+    k = mx.random.split(mx.random.key(5), 3)
+    q = mx.random.normal((1, 8, queries, 64), key=k[0]).astype(mx.bfloat16)
+    keys, values = (mx.random.normal((1, 2, 40, 64), key=i).astype(mx.bfloat16) for i in k[1:])
+    upcast = (a.astype(mx.float32) for a in (q, keys, values))
+    want = mx.fast.scaled_dot_product_attention(*upcast, scale=1.0, mask=mask).astype(mx.bfloat16)
+    with mx.stream(mx.cpu):
+        got = attn.reference(q, keys, values, mask)
+    assert got.dtype == mx.bfloat16 and mx.array_equal(got, want)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import mlx_gemma3n.quantized as quantized
-from mlx_gemma3n.quantized import QuantizedLinear, quantized_matmul, use_blocks
+from mlx_gemma3n.quantized import QuantizedEmbedding, QuantizedLinear, quantized_matmul, use_blocks
 from mlx_gemma3n.text.concat import ConcatLinear
 
 CASES = [  # out, in, transpose, bits, group size, mode
@@ -33,58 +33,64 @@ def _exact(x, w, scales, biases, transpose, group_size, bits, mode):
     return np.array(x.astype(mx.float32), dtype=np.float64) @ (dense.T if transpose else dense)
 
 
+@pytest.mark.parametrize("rows", [(2, 9), (1, 3)])
 @pytest.mark.parametrize("dtype,bound", [(mx.float32, 1e-5), (mx.bfloat16, 8e-3)])
 @pytest.mark.parametrize("case", CASES)
-def test_blocks_match_exact_product(case, dtype, bound, monkeypatch):
-    """Several blocks with a ragged last one (BLOCK made small), batch dims kept; float32 to
-    1e-5 of the largest output, bfloat16 to its own rounding (2^-8 relative, 8e-3 of the max)."""
+def test_matches_exact_product(case, dtype, bound, rows, monkeypatch):
+    """Blocks (18 rows; several blocks with a ragged last one, BLOCK made small, batch dims
+    kept) and few rows (3: MLX's quantized matmul in float32): float32 to 1e-5 of the
+    largest output, bfloat16 to its own rounding (2^-8 relative, 8e-3 of the max; MLX-CPU's
+    bfloat16 quantized matmul is off by ~1e-1)."""
     out_dims, in_dims, transpose, bits, group_size, mode = case
     monkeypatch.setattr(quantized, "BLOCK", 7 * group_size * in_dims // 3)
     mx.random.seed(3)
     w, scales, biases = _quantized(out_dims, in_dims, transpose, bits, group_size, mode, dtype)
-    x = mx.random.normal((2, 9, in_dims)).astype(dtype)
+    x = mx.random.normal((*rows, in_dims)).astype(dtype)
     y = quantized_matmul(x, w, scales, biases, transpose, group_size, bits, mode)
-    assert y.shape == (2, 9, out_dims) and y.dtype == dtype
+    assert y.shape == (*rows, out_dims) and y.dtype == dtype
     exact = _exact(x, w, scales, biases, transpose, group_size, bits, mode)
     err = np.abs(np.array(y.astype(mx.float32), dtype=np.float64) - exact).max() / np.abs(exact).max()
     assert err <= bound
 
 
 def _spy_on_quantized_matmul(monkeypatch):
+    """The (shape, dtype) of the input of each call of MLX's quantized matmul."""
     calls = []
     original = mx.quantized_matmul
 
     def spy(*args, **kwargs):
-        calls.append(args[0].shape)
+        calls.append((args[0].shape, args[0].dtype))
         return original(*args, **kwargs)
 
     monkeypatch.setattr(mx, "quantized_matmul", spy)
     return calls
 
 
-@pytest.mark.parametrize("dtype,rows", [(mx.float32, 16), (mx.bfloat16, 2)])
-def test_which_path(dtype, rows, monkeypatch):
-    """From a few rows on (16 in float32, 2 in half precision) the CPU takes the blocks; one
-    row (a decode step), any row count on an accelerator or inside `mlx_matmul()` keeps
-    MLX's quantized matmul."""
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_which_path(dtype, monkeypatch):
+    """From 16 rows on the CPU takes the blocks; fewer rows (a decode step) keep MLX's
+    quantized matmul, in float32 whatever the input's dtype; any row count on an accelerator
+    or inside `mlx_matmul()` keeps MLX's quantized matmul in the input's dtype."""
     calls = _spy_on_quantized_matmul(monkeypatch)
     w, scales, biases = _quantized(128, 256, True, 4, 64, "affine", dtype)
 
     def run(n):
-        mx.eval(quantized_matmul(mx.ones((n, 256), dtype), w, scales, biases, True, 64, 4))
+        y = quantized_matmul(mx.ones((n, 256), dtype), w, scales, biases, True, 64, 4)
+        assert y.dtype == dtype
+        mx.eval(y)
 
-    for n in (1, rows - 1, rows):
+    for n in (1, 15, 16):
         run(n)
-    assert calls == [(1, 256), (rows - 1, 256)]
+    assert calls == [((1, 256), mx.float32), ((15, 256), mx.float32)]
     calls.clear()
     with quantized.mlx_matmul():
-        run(rows)
-    run(rows)
-    assert calls == [(rows, 256)]
+        run(16)
+    run(16)
+    assert calls == [((16, 256), dtype)]
     calls.clear()
     monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
-    run(rows)
-    assert calls == [(rows, 256)]
+    run(16)
+    assert calls == [((16, 256), dtype)]
 
 
 def test_blocks_bound_memory():
@@ -110,18 +116,20 @@ def test_blocks_bound_memory():
 
 
 def test_loaded_layers_use_blocks(monkeypatch):
-    """use_blocks (called by loading) swaps nn.QuantizedLinear for QuantizedLinear on the same
-    arrays, including inside containers; such layers still join (text/concat.py)."""
-    model = nn.Sequential(nn.Linear(256, 64, bias=False), nn.Linear(64, 32))
+    """use_blocks (called by loading) swaps nn.QuantizedLinear and nn.QuantizedEmbedding for
+    this module's classes on the same arrays, including inside containers; such layers still
+    join (text/concat.py), and the embedding's `as_linear` (the tied LM head) is
+    `quantized_matmul` too."""
+    model = nn.Sequential(nn.Linear(256, 64, bias=False), nn.Linear(64, 32), nn.Embedding(100, 256))
     nn.quantize(model, group_size=64, bits=4)
     before = [dict(layer) for layer in model.layers]
     use_blocks(model)
-    assert [type(layer) for layer in model.layers] == [QuantizedLinear] * 2
+    assert [type(layer) for layer in model.layers] == [QuantizedLinear] * 2 + [QuantizedEmbedding]
     for layer, params in zip(model.layers, before):
         assert layer.bits == 4 and all(layer[k] is v for k, v in params.items())
     x = mx.random.normal((16, 256))
     calls = _spy_on_quantized_matmul(monkeypatch)
-    y = model(x)
+    y = model.layers[1](model.layers[0](x))
     assert calls == []  # 16 float32 rows: the blocks
     first = model.layers[0]
     reference = mx.quantized_matmul(x, first["weight"], first["scales"], first["biases"], True, 64, 4)
@@ -129,6 +137,13 @@ def test_loaded_layers_use_blocks(monkeypatch):
     assert mx.allclose(y, expected, rtol=1e-5, atol=1e-5)
     joined = ConcatLinear.join(model.layers[0], model.layers[0])
     assert joined is not None and type(joined.linear) is QuantizedLinear
+    calls.clear()
+    embedding = model.layers[2]
+    h = x[:1].astype(mx.bfloat16)
+    logits = embedding.as_linear(h)
+    assert calls == [((1, 256), mx.float32)] and logits.dtype == mx.bfloat16
+    exact = _exact(h, embedding["weight"], embedding["scales"], embedding["biases"], True, 64, 4, "affine")
+    assert np.abs(np.array(logits.astype(mx.float32)) - exact).max() <= 8e-3 * np.abs(exact).max()
 
 
 def test_blocks_built_in_one_thread_run_in_another():
