@@ -38,11 +38,13 @@ def _exact(x, w, scales, biases, transpose, group_size, bits, mode):
 @pytest.mark.parametrize("case", CASES)
 def test_matches_exact_product(case, dtype, bound, rows, monkeypatch):
     """Blocks (18 rows; several blocks with a ragged last one, BLOCK made small, batch dims
-    kept) and few rows (3: MLX's quantized matmul in float32): float32 to 1e-5 of the
-    largest output, bfloat16 to its own rounding (2^-8 relative, 8e-3 of the max; MLX-CPU's
-    bfloat16 quantized matmul is off by ~1e-1)."""
+    kept) and few rows (3: MLX's quantized matmul in float32, in parts of 7 weight rows for
+    half-precision scales, PART_SCALES made small): float32 to 1e-5 of the largest output,
+    bfloat16 to its own rounding (2^-8 relative, 8e-3 of the max; MLX-CPU's bfloat16
+    quantized matmul is off by ~1e-1)."""
     out_dims, in_dims, transpose, bits, group_size, mode = case
     monkeypatch.setattr(quantized, "BLOCK", 7 * group_size * in_dims // 3)
+    monkeypatch.setattr(quantized, "PART_SCALES", 7 * (in_dims if transpose else out_dims) // group_size)
     mx.random.seed(3)
     w, scales, biases = _quantized(out_dims, in_dims, transpose, bits, group_size, mode, dtype)
     x = mx.random.normal((*rows, in_dims)).astype(dtype)
@@ -113,6 +115,27 @@ def test_blocks_bound_memory():
     mx.eval(x)
     extra = mx.get_peak_memory() - before
     assert 0 < extra < 8192 * 2048 * 4 / 2
+
+
+def test_few_rows_cast_the_scales_in_parts(monkeypatch):
+    """One bfloat16 row through a weight with 2^20 scales (32768 x 2048, like a slice of the
+    tied LM head) in 128 parts (PART_SCALES made small): MLX's peak over the inputs stays
+    under a sixth of what casting all scales and biases to float32 at once costs (8 MB).
+    Measured 0.95 MB; cast whole 8.6 MB; in parts that do not wait for the previous part's
+    product 2.1 MB. MLX-CPU queues ~12 parts ahead of the one running, so what bounds the
+    peak is a part's size."""
+    monkeypatch.setattr(quantized, "PART_SCALES", 2**13)
+    mx.random.seed(0)
+    w, scales, biases = _quantized(32768, 2048, True, 4, 64, "affine", mx.bfloat16)
+    x = mx.random.normal((1, 2048)).astype(mx.bfloat16)
+    mx.eval(w, scales, biases, x)
+    mx.synchronize()
+    before = mx.get_active_memory()
+    mx.reset_peak_memory()
+    y = quantized_matmul(x, w, scales, biases, True, 64, 4)
+    mx.eval(y)
+    extra = mx.get_peak_memory() - before
+    assert 0 < extra < 2 * scales.size * 4 / 6
 
 
 def test_loaded_layers_use_blocks(monkeypatch):
