@@ -311,6 +311,8 @@ def summary(path: Path) -> str:
             lines.append(f"{e['step']:<32} prefill {e['prefill_tok_s']:8.1f} tok/s  decode "
                          f"{e.get('decode_tok_s', float('nan')):6.1f} tok/s  MLX peak "
                          f"{e['mlx_peak_mib'] / 1024:5.2f} GiB  ttft {e['ttft_s']:.2f}s"
+                         + (f"  warm-up tokens {e['warmup_token1_s']:.1f}s, {e['warmup_token2_s']:.1f}s"
+                            if "warmup_token2_s" in e else "")
                          + (f"  warnings: {'; '.join(e['warnings'])[:300]}" if e.get("warnings") else ""))
         else:
             state = e.get("skipped") or ("timed out" if e.get("timed_out") else f"exit {e.get('returncode')}")

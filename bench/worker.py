@@ -215,9 +215,12 @@ def _warm_up(start, result: dict) -> None:
     """Two tokens after the same prompt first, so that the measured run finds its kernels
     compiled (MLX-CUDA compiles each new shape on first use: 60-110 s for a whole model) and
     ours' decode step traced; then the allocator's cache is emptied and the MLX peak reset, so
-    that the peak reported is the measured run's."""
+    that the peak reported is the measured run's. The first token's and the second's times
+    are kept (from the start of the warm-up): what the prefill compiles, then the first decode
+    step."""
     t = time.perf_counter()
     for n, _ in enumerate(start(), 1):
+        result[f"warmup_token{n}_s"] = time.perf_counter() - t
         if n == 2:
             break
     mx.synchronize()
