@@ -269,6 +269,14 @@ class Decoder:
         return self.choose(self.step(token_id))
 
 
+def yields_before_queueing() -> bool:
+    """Whether `generate_step` yields a token before queueing the next step: on the CPU
+    backend, where queueing runs most of the step (MLX-CPU's `mx.async_eval` blocks while
+    more than a few dozen tasks are pending), so that a token is not held back for a step's
+    time. An accelerator computes the queued step while the caller takes the token."""
+    return mx.default_device() == mx.cpu
+
+
 def generate_step(
     model: Gemma3n,
     prompt: mx.array,
@@ -287,22 +295,29 @@ def generate_step(
     Each token is materialised before the next step is queued (that step needs the token's
     per-layer embedding row, read on the host by id), but the step itself was built while the
     token was computing (`Decoder.prepare`), so between the two the host only reads the row.
-    A token is yielded as soon as it exists while the next step computes. When the caller
-    stops early the cache may therefore already hold the last yielded token:
-    `cache[0].offset` says how many tokens it holds."""
+    On an accelerator a token is yielded once the next step is queued, so that the step
+    computes while the caller takes the token; on the CPU backend before
+    (`yields_before_queueing`). When the caller stops early the cache may therefore hold the
+    last yielded token or not: `cache[0].offset` says how many tokens it holds."""
     cache = cache if cache is not None else model.make_cache()
     decoder = Decoder(model, cache, prompt, sampler, logits_processors)
     embeds = model.embed_inputs(prompt[None], image_features, audio_features)
     token, logprobs = decoder.choose(prefill(model, prompt[None], embeds, cache, prefill_step_size))
     mx.async_eval(token, logprobs)
     ahead = decoder.prepare(token) if max_tokens > 1 else None
+    first = yields_before_queueing()
     for n in range(max_tokens):
         row = logprobs[0]
         mx.eval(token, row)
         token_id = token.item()
-        if n + 1 < max_tokens:
-            token, logprobs = decoder.dispatch(ahead, token, token_id)
-            mx.async_eval(token, logprobs)
-        yield token_id, row
+        last = n + 1 == max_tokens
+        if first or last:
+            yield token_id, row
+        if last:
+            return
+        token, logprobs = decoder.dispatch(ahead, token, token_id)
+        mx.async_eval(token, logprobs)
+        if not first:
+            yield token_id, row
         if n + 2 < max_tokens:
             ahead = decoder.prepare(token)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from mlx_gemma3n import generation
 from mlx_gemma3n.generation import generate_step, prefill
 from mlx_gemma3n.loading import load_model
 
@@ -100,9 +101,12 @@ def test_long_prompt_chunked_prefill_then_decode(tiny_hf, text_model):
     assert rel_err(step[:, 0], full[:, -1]) < TOL
 
 
-def test_greedy_generation_is_token_identical_to_transformers(tiny_hf, text_model):
+@pytest.mark.parametrize("yield_first", [True, False], ids=["cpu-order", "accelerator-order"])
+def test_greedy_generation_is_token_identical_to_transformers(tiny_hf, text_model, yield_first, monkeypatch):
     """70 greedy tokens from a 6-token prompt: crosses the 8-token sliding window many times.
-    transformers' min_new_tokens masks the end ids (1, 6); a logits processor does the same here."""
+    transformers' min_new_tokens masks the end ids (1, 6); a logits processor does the same here.
+    Both orders of yielding a token and queueing the next step (generation.yields_before_queueing)."""
+    monkeypatch.setattr(generation, "yields_before_queueing", lambda: yield_first)
     ids = prompt(6, seed=5)
     with torch.no_grad():
         ref = tiny_hf[1].generate(
