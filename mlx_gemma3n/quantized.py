@@ -12,7 +12,7 @@ The weight is dequantized a block of output features at a time, each block after
 previous one's product, so that one or two float32 blocks (2 MB) are alive at once instead of
 a float32 copy of the matrix (134 MB for E4B's down_proj).
 
-Fewer rows than `MIN_ROWS` (a decode step) go through MLX's quantized matmul in float32
+Fewer rows than `_min_rows` (a decode step) go through MLX's quantized matmul in float32
 whatever the input's dtype: its half-precision CPU loop is ~8x slower than its float32 one (160 ms against 20 ms
 for one row of an 8192 x 2048 4-bit weight) and off by ~11% of the output's largest value.
 """
@@ -41,12 +41,16 @@ def mlx_matmul():
         _blocks_off = before
 
 
-# Rows from which dequantizing (~75 ms per 16M 4-bit values, in blocks) and a float32 matmul
-# beat MLX-CPU's float32 quantized matmul (~16-20 ms per row of that weight): ~5 rows with a
-# BLAS, ~16 without one (MLX's own matmul on Linux), so 16. A single row (a decode step) keeps
-# the quantized matmul: one op in the graph instead of hundreds of blocks, which the compiled
-# decode step would replay every token.
-MIN_ROWS = 16
+def _min_rows(dtype: mx.Dtype) -> int:
+    """Rows from which the blocks beat MLX-CPU's float32 quantized matmul (which fewer rows
+    of any dtype take). With a BLAS (Accelerate, or OpenBLAS preloaded on Linux) that is 2-3
+    rows: one 8192 x 2048 4-bit weight, bfloat16 rows, 33 ms both at 2 rows, 50 against 207 ms
+    at 12. Without one (MLX's own matmul on Linux) the blocks are 10-40% slower up to ~16
+    rows, so float32 waits for 16 rows; half precision takes them from 2, as it did when its
+    rows had only MLX's bfloat16 quantized matmul (~8x slower) to go through. A single row (a
+    decode step) keeps the quantized matmul: one op in the graph instead of hundreds of
+    blocks, which the compiled decode step would replay every token."""
+    return 16 if dtype == mx.float32 else 2
 
 
 @lru_cache(maxsize=None)
@@ -100,13 +104,13 @@ def _few_rows(xf, w, scales, biases, transpose: bool, group_size: int, bits: int
 
 def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases, transpose: bool,
                      group_size: int, bits: int, mode: str = "affine") -> mx.array:
-    """`mx.quantized_matmul`; on the CPU always in float32, from `MIN_ROWS` rows on through
+    """`mx.quantized_matmul`; on the CPU always in float32, from `_min_rows` rows on through
     blocks of dequantized weights and a float32 matmul, the result rounded to `x`'s dtype
     (MLX-CPU's bfloat16 quantized matmul is off by ~12% of the output's largest value)."""
     if _blocks_off or mx.default_device() != mx.cpu:
         return mx.quantized_matmul(x, w, scales, biases, transpose, group_size, bits, mode=mode)
     xf = x.astype(mx.float32)
-    if x.size < MIN_ROWS * x.shape[-1]:
+    if x.size < _min_rows(x.dtype) * x.shape[-1]:
         return _few_rows(xf, w, scales, biases, transpose, group_size, bits, mode).astype(x.dtype)
 
     def block(w_part, group_part, after):

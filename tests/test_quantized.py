@@ -33,12 +33,12 @@ def _exact(x, w, scales, biases, transpose, group_size, bits, mode):
     return np.array(x.astype(mx.float32), dtype=np.float64) @ (dense.T if transpose else dense)
 
 
-@pytest.mark.parametrize("rows", [(2, 9), (1, 3)])
+@pytest.mark.parametrize("rows", [(2, 9), (1, 1)])
 @pytest.mark.parametrize("dtype,bound", [(mx.float32, 1e-5), (mx.bfloat16, 8e-3)])
 @pytest.mark.parametrize("case", CASES)
 def test_matches_exact_product(case, dtype, bound, rows, monkeypatch):
     """Blocks (18 rows; several blocks with a ragged last one, BLOCK made small, batch dims
-    kept) and few rows (3: MLX's quantized matmul in float32, in parts of 7 weight rows for
+    kept) and one row (MLX's quantized matmul in float32, in parts of 7 weight rows for
     half-precision scales, PART_SCALES made small): float32 to 1e-5 of the largest output,
     bfloat16 to its own rounding (2^-8 relative, 8e-3 of the max; MLX-CPU's bfloat16
     quantized matmul is off by ~1e-1)."""
@@ -68,11 +68,12 @@ def _spy_on_quantized_matmul(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-def test_which_path(dtype, monkeypatch):
-    """From 16 rows on the CPU takes the blocks; fewer rows (a decode step) keep MLX's
-    quantized matmul, in float32 whatever the input's dtype; any row count on an accelerator
-    or inside `mlx_matmul()` keeps MLX's quantized matmul in the input's dtype."""
+@pytest.mark.parametrize("dtype,rows", [(mx.float32, 16), (mx.bfloat16, 2)])
+def test_which_path(dtype, rows, monkeypatch):
+    """From a few rows on (16 in float32, 2 in half precision) the CPU takes the blocks; fewer
+    rows (a decode step) keep MLX's quantized matmul, in float32 whatever the input's dtype;
+    any row count on an accelerator or inside `mlx_matmul()` keeps MLX's quantized matmul in
+    the input's dtype."""
     calls = _spy_on_quantized_matmul(monkeypatch)
     w, scales, biases = _quantized(128, 256, True, 4, 64, "affine", dtype)
 
@@ -81,18 +82,18 @@ def test_which_path(dtype, monkeypatch):
         assert y.dtype == dtype
         mx.eval(y)
 
-    for n in (1, 15, 16):
+    for n in (1, rows - 1, rows):
         run(n)
-    assert calls == [((1, 256), mx.float32), ((15, 256), mx.float32)]
+    assert calls == [((1, 256), mx.float32), ((rows - 1, 256), mx.float32)]
     calls.clear()
     with quantized.mlx_matmul():
-        run(16)
-    run(16)
-    assert calls == [((16, 256), dtype)]
+        run(rows)
+    run(rows)
+    assert calls == [((rows, 256), dtype)]
     calls.clear()
     monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
-    run(16)
-    assert calls == [((16, 256), dtype)]
+    run(rows)
+    assert calls == [((rows, 256), dtype)]
 
 
 def test_blocks_bound_memory():
