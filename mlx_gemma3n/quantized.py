@@ -13,8 +13,9 @@ previous one's product, so that one or two float32 blocks (2 MB) are alive at on
 a float32 copy of the matrix (134 MB for E4B's down_proj).
 
 Fewer rows than `_min_rows` (a decode step) go through MLX's quantized matmul in float32
-whatever the input's dtype: its half-precision CPU loop is ~8x slower than its float32 one (160 ms against 20 ms
-for one row of an 8192 x 2048 4-bit weight) and off by ~11% of the output's largest value.
+whatever the input's dtype: its half-precision CPU loop is ~8x slower than its float32 one
+(160 ms against 20 ms for one row of an 8192 x 2048 4-bit weight) and off by ~11% of the
+output's largest value.
 """
 
 from contextlib import contextmanager
@@ -88,7 +89,8 @@ def _few_rows(xf, w, scales, biases, transpose: bool, group_size: int, bits: int
     def qmm(x_part, rows, after):
         part = [a[rows] for a in (w, scales, biases) if a is not None]
         packed, s, *b = part if after is None else mx.depends(part, [after])
-        return mx.quantized_matmul(x_part, packed, s, b[0] if b else None, transpose, group_size, bits, mode=mode)
+        return mx.quantized_matmul(x_part, packed, s, b[0] if b else None, transpose, group_size, bits,
+                                   mode=mode)
 
     if scales.dtype not in (mx.bfloat16, mx.float16) or scales.size <= 8 * PART_SCALES:
         return qmm(xf, slice(None), None)
