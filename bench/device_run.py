@@ -7,9 +7,10 @@ kernels and the decode steps built ahead against the reference path on the devic
 model). Then, in this order (most wanted first; whatever the time allows): decode and
 prefill tok/s and MLX peak memory at 512 + 128 and 1920 + 128 tokens for E2B and E4B (4-bit),
 ours and mlx-vlm, each run a fresh `bench/worker.py --warmup` process (so kernels are
-compiled before the timed run); each prefill op's time and extra memory
-(`bench/peak_probe.py`); the host time per decode step (`bench/host_time.py`); and ours
-before issue #11 (commit 5557004, with its own converter) at the same four points.
+compiled before the timed run; ours then times its prefill again under other queueing
+settings, PREFILL_VARIANTS); each prefill op's time and extra memory
+(`bench/peak_probe.py`); ours before issue #11 (commit 5557004, with its own converter) at
+the same four points; and the host time per decode step (`bench/host_time.py`).
 
 Here, where the package registries are reachable (runs ../shared/device/prepare.sh and
 exports the "before" tree):
@@ -49,6 +50,9 @@ BEFORE_COMMIT = "5557004"  # main before issue #11's changes (its checkpoints di
 POINTS = ((512, "E2B"), (1920, "E4B"), (512, "E4B"), (1920, "E2B"))
 GEN = 128
 IMPLS = ("ours", "mlx-vlm", "before")
+# Ours' prefill again in the same warm process under other queueing settings (unit:depth[:chunk],
+# `bench/worker.py --prefill-variants`; the first is today's default), to choose between them.
+PREFILL_VARIANTS = "layer:2,layer:1,layer:4,chunk:1,chunk:2,layer:2:512"
 CHECKPOINT = {"ours": "ours", "mlx-vlm": "mlxvlm", "before": "before"}
 
 
@@ -200,6 +204,8 @@ class Session:
         cmd = [sys.executable, str(HERE / "worker.py"), "--impl", "mlx-vlm" if impl == "mlx-vlm" else "ours",
                "--model", str(self.converted(shape, impl)), "--prompt", str(prompt), "--gen", str(GEN),
                "--prefill-step", str(self.args.prefill_step), "--warmup", "--out", str(result)]
+        if impl == "ours":
+            cmd += ["--prefill-variants", PREFILL_VARIANTS]
         entry = self.child(name, cmd, env=self.env(impl))
         if result.is_file():
             entry.update(json.loads(result.read_text()))
@@ -253,10 +259,11 @@ def measure(args) -> None:
         for impl in IMPLS[:2]:
             s.generate(shape, prompt, impl)
     s.tool(f"probe-{last_shape}", [str(HERE / "peak_probe.py"), "--shape", last_shape])
-    s.tool(f"host_time-{main_shape}", [str(HERE / "host_time.py"), "--shape", main_shape, "--as-stored",
-                                       "--cache-dir", str(s.ckpt), "--results", str(s.logs / "host_time.json")])
     for prompt, shape in points:
         s.generate(shape, prompt, "before")
+    # last: the H100 measured it on 2026-11-26 and an accelerator's decode loop is unchanged since
+    s.tool(f"host_time-{main_shape}", [str(HERE / "host_time.py"), "--shape", main_shape, "--as-stored",
+                                       "--cache-dir", str(s.ckpt), "--results", str(s.logs / "host_time.json")])
     (s.out / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     _log("done")
 
@@ -314,6 +321,11 @@ def summary(path: Path) -> str:
                          + (f"  warm-up tokens {e['warmup_token1_s']:.1f}s, {e['warmup_token2_s']:.1f}s"
                             if "warmup_token2_s" in e else "")
                          + (f"  warnings: {'; '.join(e['warnings'])[:300]}" if e.get("warnings") else ""))
+            lines += [f"    prefill {v['unit']}:{v['depth']}:{v['chunk']:<4} {v['tok_s']:8.1f} tok/s  "
+                      f"MLX peak +{v['peak_over_active_mib']:.0f} MiB over active"
+                      for v in e.get("prefill_variants", ())]
+            if e.get("prefill_variants_error"):
+                lines.append(f"    prefill variants failed: {e['prefill_variants_error'][:200]}")
         else:
             state = e.get("skipped") or ("timed out" if e.get("timed_out") else f"exit {e.get('returncode')}")
             error = f" {e['error'][:200]}" if e.get("error") else ""

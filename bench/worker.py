@@ -8,7 +8,8 @@ first token (from the request: includes running the image/audio tower, and for u
 it on first use), prefill and decode rates. Memory: peak RSS (getrusage ru_maxrss and
 /proc/self/status VmHWM), RSS split into anonymous and file-backed pages at the end, and MLX's
 own peak (`mx.get_peak_memory()`), also after load and after the first token. With --warmup
-(text) the rates and the MLX peak are those of a second run, its kernels compiled.
+(text) the rates and the MLX peak are those of a second run, its kernels compiled. With
+--prefill-variants (ours, text) the prefill is then timed again under other queueing settings.
 """
 
 import argparse
@@ -103,7 +104,7 @@ def audio_input(seed: int = 0):
 # -- ours -----------------------------------------------------------------------------------
 
 
-def run_ours(args, result: dict) -> None:
+def run_ours(args, result: dict) -> tuple:
     t = time.perf_counter()
     from mlx_gemma3n.generation import generate_step
     from mlx_gemma3n.loading import load_model
@@ -160,6 +161,55 @@ def run_ours(args, result: dict) -> None:
         result.update(snapshot("after_encode"))
     gen = generate_step(model, mx.array(ids), max_tokens=args.gen, prefill_step_size=args.prefill_step, **kwargs)
     _consume(gen, t_req, result, args)
+    return model, ids
+
+
+def _variant(spec: str) -> tuple:
+    """'unit:depth[:chunk]' -> (unit, depth, chunk or None)."""
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or parts[0] not in ("layer", "chunk") or not all(p.isdigit() for p in parts[1:]):
+        raise argparse.ArgumentTypeError(f"prefill variant {spec!r}: want layer|chunk:DEPTH[:CHUNK]")
+    return parts[0], int(parts[1]), int(parts[2]) if len(parts) == 3 else None
+
+
+def prefill_variants(model, ids, args) -> list:
+    """Ours' prefill of the same prompt under each queueing setting (`generation.PREFILL_UNIT`,
+    `PREFILL_DEPTH`, chunk size), in this process after the measured run (kernels compiled),
+    the variants interleaved round by round. Per variant: the median time to the last
+    position's logits and the largest MLX peak over the memory active before it (weights,
+    the prompt's embeddings)."""
+    from mlx_gemma3n import generation
+
+    prompt = mx.array(ids)[None]
+    embeds = model.embed_inputs(prompt)
+    mx.eval(embeds)
+    default = generation.PREFILL_UNIT, generation.PREFILL_DEPTH
+    times = {v: [] for v in args.prefill_variants}
+    peaks = {v: [] for v in args.prefill_variants}
+    try:
+        for _ in range(args.variant_rounds):
+            for v in args.prefill_variants:
+                unit, depth, chunk = v
+                generation.PREFILL_UNIT, generation.PREFILL_DEPTH = unit, depth
+                cache = model.make_cache()
+                mx.synchronize()
+                mx.clear_cache()
+                active = mx.get_active_memory()
+                mx.reset_peak_memory()
+                t = time.perf_counter()
+                mx.eval(generation.prefill(model, prompt, embeds, cache, chunk or args.prefill_step))
+                times[v].append(time.perf_counter() - t)
+                peaks[v].append((mx.get_peak_memory() - active) / MiB)
+                del cache
+    finally:
+        generation.PREFILL_UNIT, generation.PREFILL_DEPTH = default
+    out = []
+    for (unit, depth, chunk), ts in times.items():
+        median = float(np.median(ts))
+        out.append({"unit": unit, "depth": depth, "chunk": chunk or args.prefill_step, "median_s": median,
+                    "tok_s": len(ids) / median, "times_s": ts,
+                    "peak_over_active_mib": max(peaks[(unit, depth, chunk)])})
+    return out
 
 
 # -- mlx-vlm --------------------------------------------------------------------------------
@@ -288,10 +338,16 @@ def main(argv=None) -> None:
     )
     p.add_argument("--warmup", action="store_true",
                    help="text: generate two tokens after the same prompt first, untimed (kernel compilation)")
+    p.add_argument("--prefill-variants", type=lambda v: [_variant(x) for x in v.split(",")], default=[],
+                   help="ours, text: after the measured run, time the prefill under each of these "
+                   "comma-separated settings, unit:depth[:chunk] (unit layer|chunk)")
+    p.add_argument("--variant-rounds", type=int, default=3)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     if args.warmup and args.mode != "text":
         p.error("--warmup is for --mode text")
+    if args.prefill_variants and (args.impl != "ours" or args.mode != "text"):
+        p.error("--prefill-variants is for --impl ours --mode text")
 
     result = {
         "impl": args.impl, "model": args.model, "mode": args.mode, "prompt": args.prompt,
@@ -305,11 +361,12 @@ def main(argv=None) -> None:
     }
     result.update(snapshot("start"))
     mx.reset_peak_memory()
+    ran = None
     with warnings.catch_warnings(record=True) as caught:  # e.g. a kernel failing its self-check
         warnings.simplefilter("always")
         warnings.simplefilter("ignore", ResourceWarning)
         try:
-            (run_ours if args.impl == "ours" else run_mlx_vlm)(args, result)
+            ran = (run_ours if args.impl == "ours" else run_mlx_vlm)(args, result)
             result["ok"] = True
         except Exception as e:  # recorded, not hidden: the report prints it
             result["ok"] = False
@@ -323,6 +380,12 @@ def main(argv=None) -> None:
         mlx_peak_mib=mx.get_peak_memory() / MiB, end_mlx_active_mib=mx.get_active_memory() / MiB,
         mlx_cache_mib=mx.get_cache_memory() / MiB,
     )
+    if args.prefill_variants and ran:  # after the run's own figures are taken
+        args.out.write_text(json.dumps(result, indent=2))
+        try:
+            result["prefill_variants"] = prefill_variants(*ran, args)
+        except Exception as e:
+            result["prefill_variants_error"] = f"{type(e).__name__}: {e}"
     args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "traceback"}))
 

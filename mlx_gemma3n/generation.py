@@ -26,6 +26,10 @@ PREFILL_CHUNK = 256
 # next: an E2B layer of a 256-token chunk took the H100 ~1.4 ms, building one takes this
 # 2-core CPU ~0.5 ms.
 PREFILL_DEPTH = 2
+# The unit of PREFILL_DEPTH: each layer of a chunk ("layer") or each whole chunk ("chunk",
+# fewer commits and waits, more resident). A GPU's choice between them is measured by
+# `bench/worker.py --prefill-variants`.
+PREFILL_UNIT = "layer"
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
@@ -84,9 +88,9 @@ def prefill(
 
     Each layer of a chunk is queued (`mx.async_eval`) as it is built, and the host waits for
     the layer `PREFILL_DEPTH` before it, so that the device computes while the host builds,
-    and what is in flight stays a few layers' activations. The next chunk's per-layer rows
-    are read from the file on a thread meanwhile: a read at the chunk's end would outlast
-    the few layers queued."""
+    and what is in flight stays a few layers' activations (`PREFILL_UNIT` "chunk": whole
+    chunks instead of layers). The next chunk's per-layer rows are read from the file on a
+    thread meanwhile: a read at the chunk's end would outlast the few layers queued."""
     lm = model.language_model
     last = inputs_embeds.shape[1] - 1
     if last < 0:
@@ -94,6 +98,7 @@ def prefill(
     ids = np.array(input_ids)
     spans = [(s, min(s + chunk_size, last)) for s in range(0, last, chunk_size)] + [(last, last + 1)]
     in_flight = InFlight(PREFILL_DEPTH)
+    pace = in_flight if PREFILL_UNIT == "layer" else None
     with ThreadPoolExecutor(1, thread_name_prefix="ple-rows") as reader, uncached_on_cpu():
         reading = reader.submit(lm.read_per_layer_rows, ids[:, slice(*spans[0])])
         for k, (start, end) in enumerate(spans):
@@ -103,7 +108,7 @@ def prefill(
             per_layer = lm.per_layer_embeddings_of(rows)
             if end > last:  # the last position, through every layer
                 return model.logits(lm(inputs_embeds[:, start:end], per_layer, cache)[:, -1, :])
-            lm(inputs_embeds[:, start:end], per_layer, cache, pace=in_flight)
+            lm(inputs_embeds[:, start:end], per_layer, cache, pace=pace)
             in_flight([c.state for c in cache])
 
 

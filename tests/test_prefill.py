@@ -1,7 +1,8 @@
 """generation.prefill's pipelining: each layer of a chunk that writes a cache (but the last) is
-queued (mx.async_eval) as it is built, then the chunk's caches, never a KV-shared layer; a
-unit is waited for once the PREFILL_DEPTH after it are queued and before any more is (so
-PREFILL_DEPTH are in flight while the host builds the next); the next chunk's per-layer rows
+queued (mx.async_eval) as it is built, then the chunk's caches, never a KV-shared layer (with
+PREFILL_UNIT "chunk" only the caches); a unit is waited for once the PREFILL_DEPTH after it
+are queued and before any more is (so PREFILL_DEPTH are in flight while the host builds the
+next); the next chunk's per-layer rows
 are read on a thread meanwhile; on the CPU, MLX keeps no buffer cache meanwhile; the logits
 are the full forward pass's (float32, TOL relative to max |ref|)."""
 
@@ -11,7 +12,8 @@ import mlx.core as mx
 import pytest
 from test_text_parity import TOL, prompt, ref_logits, rel_err
 
-from mlx_gemma3n.generation import PREFILL_DEPTH, prefill
+from mlx_gemma3n import generation
+from mlx_gemma3n.generation import prefill
 from mlx_gemma3n.loading import load_model
 
 CHUNK, CHUNKS = 5, 5
@@ -35,7 +37,8 @@ def patched_prefill(text_model, monkeypatch, seed: int, patches: list):
     return ids, logits
 
 
-def test_layers_in_flight_at_most_depth(tiny_hf, text_model, monkeypatch):
+@pytest.mark.parametrize("unit, depth", [("layer", 2), ("layer", 1), ("chunk", 2)])
+def test_units_in_flight_at_most_depth(tiny_hf, text_model, monkeypatch, unit, depth):
     queued, events = [], []
     real_async_eval, real_eval = mx.async_eval, mx.eval
 
@@ -49,20 +52,22 @@ def test_layers_in_flight_at_most_depth(tiny_hf, text_model, monkeypatch):
         real_eval(*args)
 
     ids, logits = patched_prefill(text_model, monkeypatch, 3,
-                                  [(mx, "async_eval", async_eval), (mx, "eval", evaluate)])
+                                  [(mx, "async_eval", async_eval), (mx, "eval", evaluate),
+                                   (generation, "PREFILL_UNIT", unit), (generation, "PREFILL_DEPTH", depth)])
 
     config = text_model.language_model.config
-    per_chunk = config.first_kv_shared_layer  # its layers but the last, then the caches
-    assert 1 < per_chunk < config.num_hidden_layers  # the tiny model shares K/V
+    assert 1 < config.first_kv_shared_layer < config.num_hidden_layers  # the tiny model shares K/V
+    # a chunk's layers but the last, then its caches; or the caches alone
+    per_chunk = config.first_kv_shared_layer if unit == "layer" else 1
     units = CHUNKS * per_chunk
     assert [k for kind, k in events if kind == "queue"] == list(range(units))
-    for k in range(units - PREFILL_DEPTH):  # waited for once PREFILL_DEPTH more are queued
+    for k in range(units - depth):  # waited for once `depth` more are queued
         waited = events.index(("wait", k))
-        assert events.index(("queue", k + PREFILL_DEPTH)) < waited
-        if k + PREFILL_DEPTH + 1 < units:
-            assert waited < events.index(("queue", k + PREFILL_DEPTH + 1))
+        assert events.index(("queue", k + depth)) < waited
+        if k + depth + 1 < units:
+            assert waited < events.index(("queue", k + depth + 1))
     streams = (4, 1, CHUNK, config.hidden_size)  # AltUp streams [n, B, L, D], then caches' (K, V)
-    is_streams = [isinstance(unit[0], mx.array) and unit[0].shape == streams for unit in queued[:per_chunk]]
+    is_streams = [isinstance(q[0], mx.array) and q[0].shape == streams for q in queued[:per_chunk]]
     assert is_streams == [True] * (per_chunk - 1) + [False]
     assert rel_err(logits, ref_logits(tiny_hf[1], ids)[:, -1]) < TOL
 
