@@ -8,7 +8,7 @@ model). Then, in this order (most wanted first; whatever the time allows): decod
 prefill tok/s and MLX peak memory at 512 + 128 and 1920 + 128 tokens for E2B and E4B (4-bit),
 ours and mlx-vlm, each run a fresh `bench/worker.py --warmup` process (so kernels are
 compiled before the timed run; ours then times its prefill again under other queueing
-settings, PREFILL_VARIANTS); each prefill op's time and extra memory
+settings, PREFILL_VARIANTS, and once layer by layer); each prefill op's time and extra memory
 (`bench/peak_probe.py`); ours before issue #11 (commit 5557004, with its own converter) at
 the same four points; and the host time per decode step (`bench/host_time.py`).
 
@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -205,7 +206,7 @@ class Session:
                "--model", str(self.converted(shape, impl)), "--prompt", str(prompt), "--gen", str(GEN),
                "--prefill-step", str(self.args.prefill_step), "--warmup", "--out", str(result)]
         if impl == "ours":
-            cmd += ["--prefill-variants", PREFILL_VARIANTS]
+            cmd += ["--prefill-variants", PREFILL_VARIANTS, "--prefill-profile"]
         entry = self.child(name, cmd, env=self.env(impl))
         if result.is_file():
             entry.update(json.loads(result.read_text()))
@@ -305,6 +306,19 @@ def collect(args) -> None:
     print("finished" if done else "still running: collect again while device time is left")
 
 
+def _profile_line(profile: dict) -> str:
+    """The layer-by-layer prefill (worker --prefill-profile) in one line: per kind of layer the
+    median of the per-layer medians, host build and device wait, in ms."""
+    kinds = {}
+    for layer in profile["layers"][:-1]:  # the last carries the chunk's caches
+        kind = ("sparse " if layer["sparse"] else "dense ") + layer["type"].split("_")[0]
+        kinds.setdefault(kind, []).append((layer["build_ms"], layer["wait_ms"]))
+    parts = [f"{kind} x{len(v)} build {statistics.median(b for b, _ in v):.2f} wait "
+             f"{statistics.median(w for _, w in v):.2f}" for kind, v in sorted(kinds.items())]
+    return (f"    layer by layer ({profile['chunks']} chunks, {profile['total_s']:.3f}s; ms): " + "; ".join(parts)
+            + f"; last position {profile['last_position_ms']:.1f}")
+
+
 def summary(path: Path) -> str:
     """One line per step: runs with their rates and MLX peak, others with their exit."""
     if not path.is_file():
@@ -324,8 +338,10 @@ def summary(path: Path) -> str:
             lines += [f"    prefill {v['unit']}:{v['depth']}:{v['chunk']:<4} {v['tok_s']:8.1f} tok/s  "
                       f"MLX peak +{v['peak_over_active_mib']:.0f} MiB over active"
                       for v in e.get("prefill_variants", ())]
-            if e.get("prefill_variants_error"):
-                lines.append(f"    prefill variants failed: {e['prefill_variants_error'][:200]}")
+            if e.get("prefill_profile"):
+                lines.append(_profile_line(e["prefill_profile"]))
+            lines += [f"    {name} failed: {e[name + '_error'][:200]}"
+                      for name in ("prefill_variants", "prefill_profile") if e.get(name + "_error")]
         else:
             state = e.get("skipped") or ("timed out" if e.get("timed_out") else f"exit {e.get('returncode')}")
             error = f" {e['error'][:200]}" if e.get("error") else ""

@@ -9,7 +9,8 @@ it on first use), prefill and decode rates. Memory: peak RSS (getrusage ru_maxrs
 /proc/self/status VmHWM), RSS split into anonymous and file-backed pages at the end, and MLX's
 own peak (`mx.get_peak_memory()`), also after load and after the first token. With --warmup
 (text) the rates and the MLX peak are those of a second run, its kernels compiled. With
---prefill-variants (ours, text) the prefill is then timed again under other queueing settings.
+--prefill-variants (ours, text) the prefill is then timed again under other queueing settings,
+with --prefill-profile layer by layer.
 """
 
 import argparse
@@ -212,6 +213,50 @@ def prefill_variants(model, ids, args) -> list:
     return out
 
 
+def prefill_profile(model, ids, args) -> dict:
+    """Where ours' prefill time goes, layer by layer: one prefill with each layer evaluated
+    before the next is built (`PREFILL_DEPTH` 0). Per layer (median over the chunks): the
+    host's time to build it and the wait for the device to run it; the unit after the last
+    layer before the KV-shared ones carries the chunk's caches too. Then the last position
+    through every layer, unqueued."""
+    from mlx_gemma3n import generation
+
+    marks = []
+
+    class Timed(generation.InFlight):
+        def __call__(self, arrays):
+            t = time.perf_counter()
+            super().__call__(arrays)
+            marks.append((t, time.perf_counter()))
+
+    prompt = mx.array(ids)[None]
+    embeds = model.embed_inputs(prompt)
+    mx.eval(embeds)
+    saved = generation.InFlight, generation.PREFILL_UNIT, generation.PREFILL_DEPTH
+    generation.InFlight, generation.PREFILL_UNIT, generation.PREFILL_DEPTH = Timed, "layer", 0
+    try:
+        cache = model.make_cache()
+        mx.synchronize()
+        t0 = time.perf_counter()
+        mx.eval(generation.prefill(model, prompt, embeds, cache, args.prefill_step))
+        t_end = time.perf_counter()
+    finally:
+        generation.InFlight, generation.PREFILL_UNIT, generation.PREFILL_DEPTH = saved
+    c = model.language_model.config
+    per_chunk = c.first_kv_shared_layer
+    ends = [t0] + [end for _, end in marks]
+    layers = []
+    for i in range(per_chunk):
+        units = range(i, len(marks), per_chunk)
+        layers.append({
+            "layer": i, "type": c.layer_types[i], "sparse": c.activation_sparsity_pattern[i] > 0,
+            "build_ms": 1e3 * float(np.median([marks[k][0] - ends[k] for k in units])),
+            "wait_ms": 1e3 * float(np.median([marks[k][1] - marks[k][0] for k in units])),
+        })
+    return {"total_s": t_end - t0, "chunks": len(marks) // per_chunk, "layers": layers,
+            "last_position_ms": 1e3 * (t_end - ends[-1])}
+
+
 # -- mlx-vlm --------------------------------------------------------------------------------
 
 
@@ -342,12 +387,14 @@ def main(argv=None) -> None:
                    help="ours, text: after the measured run, time the prefill under each of these "
                    "comma-separated settings, unit:depth[:chunk] (unit layer|chunk)")
     p.add_argument("--variant-rounds", type=int, default=3)
+    p.add_argument("--prefill-profile", action="store_true",
+                   help="ours, text: after the measured run, one prefill evaluated layer by layer, timed per layer")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     if args.warmup and args.mode != "text":
         p.error("--warmup is for --mode text")
-    if args.prefill_variants and (args.impl != "ours" or args.mode != "text"):
-        p.error("--prefill-variants is for --impl ours --mode text")
+    if (args.prefill_variants or args.prefill_profile) and (args.impl != "ours" or args.mode != "text"):
+        p.error("--prefill-variants and --prefill-profile are for --impl ours --mode text")
 
     result = {
         "impl": args.impl, "model": args.model, "mode": args.mode, "prompt": args.prompt,
@@ -380,12 +427,14 @@ def main(argv=None) -> None:
         mlx_peak_mib=mx.get_peak_memory() / MiB, end_mlx_active_mib=mx.get_active_memory() / MiB,
         mlx_cache_mib=mx.get_cache_memory() / MiB,
     )
-    if args.prefill_variants and ran:  # after the run's own figures are taken
-        args.out.write_text(json.dumps(result, indent=2))
-        try:
-            result["prefill_variants"] = prefill_variants(*ran, args)
-        except Exception as e:
-            result["prefill_variants_error"] = f"{type(e).__name__}: {e}"
+    for wanted, name, measure in ((args.prefill_variants, "prefill_variants", prefill_variants),
+                                  (args.prefill_profile, "prefill_profile", prefill_profile)):
+        if wanted and ran:  # after the run's own figures are taken
+            args.out.write_text(json.dumps(result, indent=2))
+            try:
+                result[name] = measure(*ran, args)
+            except Exception as e:
+                result[f"{name}_error"] = f"{type(e).__name__}: {e}"
     args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "traceback"}))
 

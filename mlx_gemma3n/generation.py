@@ -82,9 +82,9 @@ def prefill(
     Chunking bounds the attention scores, the activations and the per-layer embeddings
     (read from the checkpoint per chunk) to chunk_size rows however long the prompt is.
 
-    All but the last token go through with only the caches evaluated: the KV-shared layers
-    (the last third or so) write no cache, so MLX never computes them there, and they run
-    for the last position alone, whose logits are all that is needed (-20% prefill time).
+    All but the last token go through the layers that write a cache only: the KV-shared
+    layers (the last third or so) are neither built nor computed there, and run for the last
+    position alone, whose logits are all that is needed (-20% prefill time).
 
     Each layer of a chunk is queued (`mx.async_eval`) as it is built, and the host waits for
     the layer `PREFILL_DEPTH` before it, so that the device computes while the host builds,
@@ -108,7 +108,7 @@ def prefill(
             per_layer = lm.per_layer_embeddings_of(rows)
             if end > last:  # the last position, through every layer
                 return model.logits(lm(inputs_embeds[:, start:end], per_layer, cache)[:, -1, :])
-            lm(inputs_embeds[:, start:end], per_layer, cache, pace=pace)
+            lm(inputs_embeds[:, start:end], per_layer, cache, pace=pace, caches_only=True)
             in_flight([c.state for c in cache])
 
 

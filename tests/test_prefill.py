@@ -2,9 +2,9 @@
 queued (mx.async_eval) as it is built, then the chunk's caches, never a KV-shared layer (with
 PREFILL_UNIT "chunk" only the caches); a unit is waited for once the PREFILL_DEPTH after it
 are queued and before any more is (so PREFILL_DEPTH are in flight while the host builds the
-next); the next chunk's per-layer rows
-are read on a thread meanwhile; on the CPU, MLX keeps no buffer cache meanwhile; the logits
-are the full forward pass's (float32, TOL relative to max |ref|)."""
+next); a chunk before the last position builds no KV-shared layer; the next chunk's
+per-layer rows are read on a thread meanwhile; on the CPU, MLX keeps no buffer cache
+meanwhile; the logits are the full forward pass's (float32, TOL relative to max |ref|)."""
 
 import threading
 
@@ -15,6 +15,7 @@ from test_text_parity import TOL, prompt, ref_logits, rel_err
 from mlx_gemma3n import generation
 from mlx_gemma3n.generation import prefill
 from mlx_gemma3n.loading import load_model
+from mlx_gemma3n.text.decoder import DecoderLayer
 
 CHUNK, CHUNKS = 5, 5
 
@@ -123,3 +124,23 @@ def test_cpu_prefill_keeps_no_mlx_buffer_cache(text_model, monkeypatch):
     assert restored == limit
     assert len(cached) == CHUNKS * text_model.language_model.config.first_kv_shared_layer
     assert max(cached) == 0
+
+
+def test_kv_shared_layers_are_built_for_the_last_position_only(text_model, monkeypatch):
+    """A chunk before the prompt's last position builds only the layers that write a cache
+    (the KV-shared layers' graphs would never run); the last position goes through all."""
+    lm = text_model.language_model
+    index = {id(layer): i for i, layer in enumerate(lm.layers)}
+    built, real = [], DecoderLayer.__call__
+
+    def counted(self, *args, **kwargs):
+        built.append(index[id(self)])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(DecoderLayer, "__call__", counted)
+    ids = prompt(CHUNK * CHUNKS + 1, seed=6)
+    head = mx.array(ids)
+    prefill(text_model, head, text_model.embed_inputs(head), text_model.make_cache(), chunk_size=CHUNK)
+    monkeypatch.undo()
+    n, owners = lm.config.num_hidden_layers, lm.config.first_kv_shared_layer
+    assert built == list(range(owners)) * CHUNKS + list(range(n))

@@ -112,13 +112,17 @@ class TextModel(nn.Module):
         per_layer_embeds: mx.array,
         cache: Optional[List[Any]] = None,
         pace: Optional[Callable[[List[mx.array]], None]] = None,
-    ) -> mx.array:
+        caches_only: bool = False,
+    ) -> Optional[mx.array]:
         """inputs_embeds: [B, L, D] (already multimodal-merged); per_layer_embeds: [B, L,
         layers, P] from `per_layer_embeddings`. Returns the final normed hidden states.
 
         `pace` (a prefill's `generation.InFlight`) is given each layer's output streams as
         they are built, up to the second-last layer that writes a cache: the later layers'
-        outputs are needed at a prompt's last position only."""
+        outputs are needed at a prompt's last position only. With `caches_only` (a prefill
+        chunk before that position) only the layers that write a cache are built, and None
+        is returned: the KV-shared layers' graphs would never run, and building them cost
+        the host as much per layer as the others."""
         c = self.config
         if cache is None:
             cache = [None] * c.first_kv_shared_layer
@@ -133,7 +137,8 @@ class TextModel(nn.Module):
 
         masks = self._masks(inputs_embeds, cache)
         kvs = {}
-        for i, (layer, src) in enumerate(zip(self.layers, self._kv_sources)):
+        built = self.layers[: c.first_kv_shared_layer] if caches_only else self.layers
+        for i, (layer, src) in enumerate(zip(built, self._kv_sources)):
             h, kv = layer(
                 h,
                 per_layer[:, :, i, :],
@@ -145,6 +150,8 @@ class TextModel(nn.Module):
             kvs[i] = kv
             if pace is not None and i < c.first_kv_shared_layer - 1:
                 pace(list(h[:2]) if isinstance(h, PendingStreams) else [h])
+        if caches_only:
+            return None
 
         # streams 1.. as slices (views; an integer index would gather)
         projected = (
