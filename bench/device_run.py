@@ -316,7 +316,7 @@ def _profile_line(profile: dict) -> str:
     parts = [f"{kind} x{len(v)} build {statistics.median(b for b, _ in v):.2f} wait "
              f"{statistics.median(w for _, w in v):.2f}" for kind, v in sorted(kinds.items())]
     return (f"    layer by layer ({profile['chunks']} chunks, {profile['total_s']:.3f}s; ms): " + "; ".join(parts)
-            + f"; last position {profile['last_position_ms']:.1f}")
+            + f"; end {profile['end_ms']:.1f}")
 
 
 def summary(path: Path) -> str:

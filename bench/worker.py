@@ -216,9 +216,10 @@ def prefill_variants(model, ids, args) -> list:
 def prefill_profile(model, ids, args) -> dict:
     """Where ours' prefill time goes, layer by layer: one prefill with each layer evaluated
     before the next is built (`PREFILL_DEPTH` 0). Per layer (median over the chunks): the
-    host's time to build it and the wait for the device to run it; the unit after the last
-    layer before the KV-shared ones carries the chunk's caches too. Then the last position
-    through every layer, unqueued."""
+    host's time to build it and the wait for the device to run it; the last layer that writes
+    a cache is queued with the chunk's caches. `end_ms`: from the last queued layer to the
+    logits (the last chunk's last such layer, the KV-shared layers at the last position, the
+    logits)."""
     from mlx_gemma3n import generation
 
     marks = []
@@ -253,8 +254,8 @@ def prefill_profile(model, ids, args) -> dict:
             "build_ms": 1e3 * float(np.median([marks[k][0] - ends[k] for k in units])),
             "wait_ms": 1e3 * float(np.median([marks[k][1] - marks[k][0] for k in units])),
         })
-    return {"total_s": t_end - t0, "chunks": len(marks) // per_chunk, "layers": layers,
-            "last_position_ms": 1e3 * (t_end - ends[-1])}
+    return {"total_s": t_end - t0, "chunks": -(-len(marks) // per_chunk), "layers": layers,
+            "end_ms": 1e3 * (t_end - ends[-1])}
 
 
 # -- mlx-vlm --------------------------------------------------------------------------------

@@ -82,9 +82,9 @@ def prefill(
     Chunking bounds the attention scores, the activations and the per-layer embeddings
     (read from the checkpoint per chunk) to chunk_size rows however long the prompt is.
 
-    All but the last token go through the layers that write a cache only: the KV-shared
-    layers (the last third or so) are neither built nor computed there, and run for the last
-    position alone, whose logits are all that is needed (-20% prefill time).
+    The KV-shared layers (the last third or so) write no cache: they run for the prompt's
+    last position alone, whose logits are all that is needed (-20% prefill time), at the end
+    of the last chunk; the chunks before build only the layers that write a cache.
 
     Each layer of a chunk is queued (`mx.async_eval`) as it is built, and the host waits for
     the layer `PREFILL_DEPTH` before it, so that the device computes while the host builds,
@@ -96,7 +96,7 @@ def prefill(
     if last < 0:
         raise ValueError("the prompt is empty: give at least one token")
     ids = np.array(input_ids)
-    spans = [(s, min(s + chunk_size, last)) for s in range(0, last, chunk_size)] + [(last, last + 1)]
+    spans = [(s, min(s + chunk_size, last + 1)) for s in range(0, last + 1, chunk_size)]
     in_flight = InFlight(PREFILL_DEPTH)
     pace = in_flight if PREFILL_UNIT == "layer" else None
     with ThreadPoolExecutor(1, thread_name_prefix="ple-rows") as reader, uncached_on_cpu():
@@ -106,9 +106,10 @@ def prefill(
             if k + 1 < len(spans):
                 reading = reader.submit(lm.read_per_layer_rows, ids[:, slice(*spans[k + 1])])
             per_layer = lm.per_layer_embeddings_of(rows)
-            if end > last:  # the last position, through every layer
-                return model.logits(lm(inputs_embeds[:, start:end], per_layer, cache)[:, -1, :])
-            lm(inputs_embeds[:, start:end], per_layer, cache, pace=pace, caches_only=True)
+            if end > last:
+                hidden = lm(inputs_embeds[:, start:end], per_layer, cache, pace=pace, outputs="last")
+                return model.logits(hidden[:, -1, :])
+            lm(inputs_embeds[:, start:end], per_layer, cache, pace=pace, outputs="none")
             in_flight([c.state for c in cache])
 
 

@@ -15,7 +15,10 @@ from test_text_parity import TOL, prompt, ref_logits, rel_err
 from mlx_gemma3n import generation
 from mlx_gemma3n.generation import prefill
 from mlx_gemma3n.loading import load_model
+from mlx_gemma3n.text.config import TextConfig
 from mlx_gemma3n.text.decoder import DecoderLayer
+from mlx_gemma3n.text.model import TextModel
+from mlx_gemma3n.tiny import TINY_CONFIG
 
 CHUNK, CHUNKS = 5, 5
 
@@ -58,9 +61,10 @@ def test_units_in_flight_at_most_depth(tiny_hf, text_model, monkeypatch, unit, d
 
     config = text_model.language_model.config
     assert 1 < config.first_kv_shared_layer < config.num_hidden_layers  # the tiny model shares K/V
-    # a chunk's layers but the last, then its caches; or the caches alone
+    # a chunk's layers but the last, then its caches; or the caches alone. The last chunk
+    # (the last position) queues its layers but the last that writes a cache, then returns.
     per_chunk = config.first_kv_shared_layer if unit == "layer" else 1
-    units = CHUNKS * per_chunk
+    units = CHUNKS * per_chunk + (per_chunk - 1)
     assert [k for kind, k in events if kind == "queue"] == list(range(units))
     for k in range(units - depth):  # waited for once `depth` more are queued
         waited = events.index(("wait", k))
@@ -122,7 +126,7 @@ def test_cpu_prefill_keeps_no_mlx_buffer_cache(text_model, monkeypatch):
     finally:
         restored = mx.set_cache_limit(before)
     assert restored == limit
-    assert len(cached) == CHUNKS * text_model.language_model.config.first_kv_shared_layer
+    assert len(cached) == (CHUNKS + 1) * text_model.language_model.config.first_kv_shared_layer - 1
     assert max(cached) == 0
 
 
@@ -144,3 +148,33 @@ def test_kv_shared_layers_are_built_for_the_last_position_only(text_model, monke
     monkeypatch.undo()
     n, owners = lm.config.num_hidden_layers, lm.config.first_kv_shared_layer
     assert built == list(range(owners)) * CHUNKS + list(range(n))
+
+
+@pytest.mark.parametrize("kv_shared", [3, 0])
+@pytest.mark.parametrize("context, length", [(0, 1), (0, 6), (5, 12), (13, 4)])
+def test_outputs_last_and_none_match_all(kv_shared, context, length):
+    """TextModel's `outputs`: "last" equals the last row of "all" (the KV-shared layers, or
+    with none of them the exit, taken at the last position alone, past the sliding window
+    too) and "none" leaves the same caches; random float32 weights of the tiny config, with
+    and without KV-shared layers."""
+    config = TextConfig.from_dict(dict(TINY_CONFIG["text_config"], num_kv_shared_layers=kv_shared))
+    mx.random.seed(kv_shared)
+    lm = TextModel(config)
+    per_layer_dims = (config.num_hidden_layers, config.hidden_size_per_layer_input)
+
+    def run(outputs: str):
+        cache = lm.make_cache()
+        for n, out in ((context, "none"), (length, outputs)):
+            if n:
+                embeds = mx.random.normal((1, n, config.hidden_size), key=mx.random.key(n))
+                rows = mx.random.normal((1, n, *per_layer_dims), key=mx.random.key(n + 1))
+                result = lm(embeds, rows, cache, outputs=out)
+        mx.eval(result, [c.state for c in cache])
+        return result, cache
+
+    (every, caches), (last, _), (none, none_caches) = run("all"), run("last"), run("none")
+    assert every.shape[1] == length and last.shape[1] == 1 and none is None
+    assert float(mx.abs(last[:, 0] - every[:, -1]).max()) <= 1e-5 * float(mx.abs(every[:, -1]).max())
+    for a, b in zip(caches, none_caches):
+        assert a.offset == b.offset == context + length
+        assert all(mx.array_equal(x, y) for x, y in zip(a.state, b.state))

@@ -90,13 +90,19 @@ def test_cached_prefill_and_decode_equal_full_forward(tiny_hf, text_model, chunk
         assert rel_err(step[:, 0], full[:, t]) < TOL, f"decode step at position {t}"
 
 
-def test_long_prompt_chunked_prefill_then_decode(tiny_hf, text_model):
-    """A prompt several windows long, prefilled in chunks smaller than the window."""
+@pytest.mark.parametrize("chunk", [WINDOW - 3, 2 * WINDOW + 1, 64])
+def test_long_prompt_chunked_prefill_then_decode(tiny_hf, text_model, chunk):
+    """A prompt several windows long, prefilled in chunks smaller than the window, longer
+    than it, or whole; its last chunk is several tokens (the KV-shared layers run for the
+    last one alone, with its row of each sliding mask)."""
     ids = prompt(5 * WINDOW + 1, seed=12)
     full = ref_logits(tiny_hf[1], ids)
     cache = text_model.make_cache()
     head = mx.array(ids[:, :-1])
-    prefill(text_model, head, text_model.embed_inputs(head), cache, chunk_size=WINDOW - 3)
+    n = head.shape[1]
+    assert n - (n - 1) // chunk * chunk > 1  # the last chunk's length
+    last = prefill(text_model, head, text_model.embed_inputs(head), cache, chunk_size=chunk)
+    assert rel_err(last, full[:, -2]) < TOL
     step = text_model(mx.array(ids[:, -1:]), cache=cache)
     assert rel_err(step[:, 0], full[:, -1]) < TOL
 

@@ -20,6 +20,20 @@ def _scale(value: float, dtype: mx.Dtype) -> mx.array:
     return mx.array(value, dtype=mx.float32).astype(dtype)
 
 
+def _last_position(streams, per_layer: mx.array, masks: dict, offset: int):
+    """The streams ([n, B, L, D] or pending), per-layer inputs, masks and position offset of
+    a chunk's last position alone: its query row of each mask (a "causal" chunk's last row
+    sees every key)."""
+    L = per_layer.shape[1]
+    if isinstance(streams, PendingStreams):
+        corrected, projected, *rest = streams
+        streams = PendingStreams(corrected[:, :, -1:], projected[:, -1:], *rest)
+    else:
+        streams = streams[:, :, -1:]
+    rows = {kind: m[..., -1:, :] if isinstance(m, mx.array) else None for kind, m in masks.items()}
+    return streams, per_layer[:, -1:], rows, offset + L - 1
+
+
 class TextModel(nn.Module):
     def __init__(self, config: TextConfig):
         super().__init__()
@@ -112,18 +126,20 @@ class TextModel(nn.Module):
         per_layer_embeds: mx.array,
         cache: Optional[List[Any]] = None,
         pace: Optional[Callable[[List[mx.array]], None]] = None,
-        caches_only: bool = False,
+        outputs: str = "all",
     ) -> Optional[mx.array]:
         """inputs_embeds: [B, L, D] (already multimodal-merged); per_layer_embeds: [B, L,
-        layers, P] from `per_layer_embeddings`. Returns the final normed hidden states.
+        layers, P] from `per_layer_embeddings`. Returns the final normed hidden states of
+        every position (`outputs` "all"), of the last one only ("last": the KV-shared layers
+        run for it alone), or None ("none": only the layers that write a cache are built).
 
+        A prefill's chunks before its last take "none", its last chunk "last": the KV-shared
+        layers write no cache, and only the last position's logits are needed.
         `pace` (a prefill's `generation.InFlight`) is given each layer's output streams as
-        they are built, up to the second-last layer that writes a cache: the later layers'
-        outputs are needed at a prompt's last position only. With `caches_only` (a prefill
-        chunk before that position) only the layers that write a cache are built, and None
-        is returned: the KV-shared layers' graphs would never run, and building them cost
-        the host as much per layer as the others."""
+        they are built, up to the second-last layer that writes a cache."""
         c = self.config
+        if outputs not in ("all", "last", "none"):
+            raise ValueError(f"outputs must be 'all', 'last' or 'none', not {outputs!r}")
         if cache is None:
             cache = [None] * c.first_kv_shared_layer
         offset = cache[0].offset if cache[0] is not None else 0
@@ -137,8 +153,12 @@ class TextModel(nn.Module):
 
         masks = self._masks(inputs_embeds, cache)
         kvs = {}
-        built = self.layers[: c.first_kv_shared_layer] if caches_only else self.layers
-        for i, (layer, src) in enumerate(zip(built, self._kv_sources)):
+        narrow = outputs == "last" and inputs_embeds.shape[1] > 1
+        layers = self.layers[: c.first_kv_shared_layer] if outputs == "none" else self.layers
+        for i, (layer, src) in enumerate(zip(layers, self._kv_sources)):
+            if narrow and i == c.first_kv_shared_layer:
+                h, per_layer, masks, offset = _last_position(h, per_layer, masks, offset)
+                narrow = False
             h, kv = layer(
                 h,
                 per_layer[:, :, i, :],
@@ -150,8 +170,10 @@ class TextModel(nn.Module):
             kvs[i] = kv
             if pace is not None and i < c.first_kv_shared_layer - 1:
                 pace(list(h[:2]) if isinstance(h, PendingStreams) else [h])
-        if caches_only:
+        if outputs == "none":
             return None
+        if narrow:  # no KV-shared layers
+            h = h[:, :, -1:]
 
         # streams 1.. as slices (views; an integer index would gather)
         projected = (
