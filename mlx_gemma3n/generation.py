@@ -92,11 +92,11 @@ def prefill(
     chunks instead of layers). The next chunk's per-layer rows are read from the file on a
     thread meanwhile: a read at the chunk's end would outlast the few layers queued."""
     lm = model.language_model
-    last = inputs_embeds.shape[1] - 1
-    if last < 0:
+    n = inputs_embeds.shape[1]
+    if n == 0:
         raise ValueError("the prompt is empty: give at least one token")
     ids = np.array(input_ids)
-    spans = [(s, min(s + chunk_size, last + 1)) for s in range(0, last + 1, chunk_size)]
+    spans = [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
     in_flight = InFlight(PREFILL_DEPTH)
     pace = in_flight if PREFILL_UNIT == "layer" else None
     with ThreadPoolExecutor(1, thread_name_prefix="ple-rows") as reader, uncached_on_cpu():
@@ -106,7 +106,7 @@ def prefill(
             if k + 1 < len(spans):
                 reading = reader.submit(lm.read_per_layer_rows, ids[:, slice(*spans[k + 1])])
             per_layer = lm.per_layer_embeddings_of(rows)
-            if end > last:
+            if end == n:
                 hidden = lm(inputs_embeds[:, start:end], per_layer, cache, pace=pace, outputs="last")
                 return model.logits(hidden[:, -1, :])
             lm(inputs_embeds[:, start:end], per_layer, cache, pace=pace, outputs="none")
