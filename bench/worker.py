@@ -22,6 +22,7 @@ import sys
 import time
 import traceback
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 T_START = time.perf_counter()
@@ -173,21 +174,38 @@ def _variant(spec: str) -> tuple:
     return parts[0], int(parts[1]), int(parts[2]) if len(parts) == 3 else None
 
 
+@contextmanager
+def _generation_settings():
+    """`mlx_gemma3n.generation`, whose prefill settings (PREFILL_UNIT, PREFILL_DEPTH, InFlight)
+    the caller may change inside: restored after."""
+    from mlx_gemma3n import generation
+
+    saved = {name: getattr(generation, name) for name in ("PREFILL_UNIT", "PREFILL_DEPTH", "InFlight")}
+    try:
+        yield generation
+    finally:
+        for name, value in saved.items():
+            setattr(generation, name, value)
+
+
+def _embedded(model, ids) -> tuple:
+    """([1, L] ids, their evaluated embeddings) for a prefill."""
+    prompt = mx.array(ids)[None]
+    embeds = model.embed_inputs(prompt)
+    mx.eval(embeds)
+    return prompt, embeds
+
+
 def prefill_variants(model, ids, args) -> list:
     """Ours' prefill of the same prompt under each queueing setting (`generation.PREFILL_UNIT`,
     `PREFILL_DEPTH`, chunk size), in this process after the measured run (kernels compiled),
     the variants interleaved round by round. Per variant: the median time to the last
     position's logits and the largest MLX peak over the memory active before it (weights,
     the prompt's embeddings)."""
-    from mlx_gemma3n import generation
-
-    prompt = mx.array(ids)[None]
-    embeds = model.embed_inputs(prompt)
-    mx.eval(embeds)
-    default = generation.PREFILL_UNIT, generation.PREFILL_DEPTH
+    prompt, embeds = _embedded(model, ids)
     times = {v: [] for v in args.prefill_variants}
     peaks = {v: [] for v in args.prefill_variants}
-    try:
+    with _generation_settings() as generation:
         for _ in range(args.variant_rounds):
             for v in args.prefill_variants:
                 unit, depth, chunk = v
@@ -202,8 +220,6 @@ def prefill_variants(model, ids, args) -> list:
                 times[v].append(time.perf_counter() - t)
                 peaks[v].append((mx.get_peak_memory() - active) / MiB)
                 del cache
-    finally:
-        generation.PREFILL_UNIT, generation.PREFILL_DEPTH = default
     out = []
     for (unit, depth, chunk), ts in times.items():
         median = float(np.median(ts))
@@ -220,29 +236,22 @@ def prefill_profile(model, ids, args) -> dict:
     a cache is queued with the chunk's caches. `end_ms`: from the last queued layer to the
     logits (the last chunk's last such layer, the KV-shared layers at the last position, the
     logits)."""
-    from mlx_gemma3n import generation
-
     marks = []
+    prompt, embeds = _embedded(model, ids)
+    with _generation_settings() as generation:
 
-    class Timed(generation.InFlight):
-        def __call__(self, arrays):
-            t = time.perf_counter()
-            super().__call__(arrays)
-            marks.append((t, time.perf_counter()))
+        class Timed(generation.InFlight):
+            def __call__(self, arrays):
+                t = time.perf_counter()
+                super().__call__(arrays)
+                marks.append((t, time.perf_counter()))
 
-    prompt = mx.array(ids)[None]
-    embeds = model.embed_inputs(prompt)
-    mx.eval(embeds)
-    saved = generation.InFlight, generation.PREFILL_UNIT, generation.PREFILL_DEPTH
-    generation.InFlight, generation.PREFILL_UNIT, generation.PREFILL_DEPTH = Timed, "layer", 0
-    try:
+        generation.InFlight, generation.PREFILL_UNIT, generation.PREFILL_DEPTH = Timed, "layer", 0
         cache = model.make_cache()
         mx.synchronize()
         t0 = time.perf_counter()
         mx.eval(generation.prefill(model, prompt, embeds, cache, args.prefill_step))
         t_end = time.perf_counter()
-    finally:
-        generation.InFlight, generation.PREFILL_UNIT, generation.PREFILL_DEPTH = saved
     c = model.language_model.config
     per_chunk = c.first_kv_shared_layer
     ends = [t0] + [end for _, end in marks]

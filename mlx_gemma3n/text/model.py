@@ -20,18 +20,14 @@ def _scale(value: float, dtype: mx.Dtype) -> mx.array:
     return mx.array(value, dtype=mx.float32).astype(dtype)
 
 
-def _last_position(streams, per_layer: mx.array, masks: dict, offset: int):
-    """The streams ([n, B, L, D] or pending), per-layer inputs, masks and position offset of
-    a chunk's last position alone: its query row of each mask (a "causal" chunk's last row
-    sees every key)."""
-    L = per_layer.shape[1]
-    if isinstance(streams, PendingStreams):
-        corrected, projected, *rest = streams
-        streams = PendingStreams(corrected[:, :, -1:], projected[:, -1:], *rest)
-    else:
-        streams = streams[:, :, -1:]
+def _last_position(streams: PendingStreams, per_layer: mx.array, masks: dict, offset: int):
+    """A layer's pending output streams, the per-layer inputs, masks and position offset of a
+    chunk's last position alone: its query row of each mask (a "causal" chunk's last row sees
+    every key)."""
+    corrected, projected, *rest = streams
+    streams = PendingStreams(corrected[:, :, -1:], projected[:, -1:], *rest)
     rows = {kind: m[..., -1:, :] if isinstance(m, mx.array) else None for kind, m in masks.items()}
-    return streams, per_layer[:, -1:], rows, offset + L - 1
+    return streams, per_layer[:, -1:], rows, offset + per_layer.shape[1] - 1
 
 
 class TextModel(nn.Module):
@@ -153,12 +149,13 @@ class TextModel(nn.Module):
 
         masks = self._masks(inputs_embeds, cache)
         kvs = {}
-        narrow = outputs == "last" and inputs_embeds.shape[1] > 1
+        # from the first KV-shared layer on, "last" takes the last position alone
+        last_only = outputs == "last" and inputs_embeds.shape[1] > 1
+        narrow_at = c.first_kv_shared_layer if last_only else None
         layers = self.layers[: c.first_kv_shared_layer] if outputs == "none" else self.layers
         for i, (layer, src) in enumerate(zip(layers, self._kv_sources)):
-            if narrow and i == c.first_kv_shared_layer:
+            if i == narrow_at:
                 h, per_layer, masks, offset = _last_position(h, per_layer, masks, offset)
-                narrow = False
             h, kv = layer(
                 h,
                 per_layer[:, :, i, :],
@@ -172,12 +169,10 @@ class TextModel(nn.Module):
                 pace(list(h[:2]) if isinstance(h, PendingStreams) else [h])
         if outputs == "none":
             return None
-        if narrow:  # no KV-shared layers
-            h = h[:, :, -1:]
 
         # streams 1.. as slices (views; an integer index would gather)
         projected = (
             p(h[k + 1 : k + 2].squeeze(0)) for k, p in enumerate(self.altup_unembed_projections)
         )
         (out,) = altup_unembed(h, self.norm.weight, self.norm.eps, *projected, enabled=fused)
-        return out
+        return out[:, -1:] if outputs == "last" else out
